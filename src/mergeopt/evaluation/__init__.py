@@ -1,0 +1,1 @@
+"""Scoring of a resident model: helpfulness, harm and over-refusal per language."""
