@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/mergeopt zoo build --size default
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -10,11 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .errors import UserError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
 
 
 def _zoo_table(zoo: dict, split: str) -> Table:
@@ -52,6 +50,21 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .merge import merge_to_folder
+    from .recipe import load_recipe
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    out = merge_to_folder(recipe, args.out, force=args.force, max_shard_bytes=int(args.shard_size * 1024**3),
+                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, device=args.device,
+                          recipe_text=Path(args.recipe).read_text())
+    print(f"merged {recipe.merge_method} of {len(recipe.experts())} model(s) into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeopt", description="Search-based optimizer for merging language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -68,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--json", action="store_true", help="print zoo.json instead of the table")
     zb.add_argument("--quiet", action="store_true", help="no progress bar")
     zb.set_defaults(func=cmd_zoo)
+
+    m = sub.add_parser("merge", help="apply one merge recipe (mergekit YAML) and write a Hugging Face folder")
+    m.add_argument("recipe", help="recipe YAML: merge_method, base_model, models, parameters, dtype, seed, ...")
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--force", action="store_true", help="replace an existing output folder")
+    m.add_argument("--shard-size", type=float, default=2.0, help="maximum shard size in GiB (default 2)")
+    m.add_argument("--device", default="cpu", help="device the tensors are merged on (cpu, cuda)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    m.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+    m.set_defaults(func=cmd_merge)
     return p
 
 

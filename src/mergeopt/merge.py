@@ -1,0 +1,206 @@
+"""Apply a recipe: in place into a resident model (what a search worker does per trial), or streamed
+tensor by tensor into a Hugging Face folder (`mergeopt merge`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoints import Checkpoint, check_compatible
+from .errors import CheckpointError, UserError
+from .methods import TensorContext, get_method, resolve_value
+from .recipe import Recipe
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def resolve_model_path(ref: str) -> Path:
+    """`zoo:NAME` names a model of the embedded zoo (`zoo-test:NAME` of the test-size zoo), built when
+    missing; anything else is a local path."""
+    m = re.fullmatch(r"zoo(?:-(test|default))?:(\w+)", ref)
+    if m:
+        from .zoo import build_zoo, load_zoo
+
+        root = build_zoo(m.group(1) or "default", seed=0)
+        name = m.group(2)
+        models = load_zoo(root)["models"]
+        if name not in models:
+            raise UserError(f"{ref}: no such zoo model; expected one of {sorted(models)}")
+        return root / models[name]["path"]
+    return Path(ref).expanduser()
+
+
+def open_models(recipe: Recipe, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The base and the experts of a recipe, checked against each other."""
+    kw = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    experts_refs = [m.model for m in recipe.experts()]
+    base_ref = recipe.base_model or experts_refs[0]
+    base = Checkpoint(resolve_model_path(base_ref), **kw)
+    experts = []
+    for ref in experts_refs:
+        ck = base if ref == base_ref else Checkpoint(resolve_model_path(ref), **kw)
+        if ck is not base:
+            check_compatible(base, ck)
+        experts.append(ck)
+    return base, experts
+
+
+def merge_tensor(recipe: Recipe, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], num_layers: int,
+                 models: list[dict] | None = None, params: dict | None = None) -> torch.Tensor:
+    """Merge one tensor. Per-layer list values are resolved at the tensor's layer position."""
+    spec = get_method(recipe.merge_method)
+    models = recipe.resolved_models() if models is None else models
+    params = recipe.resolved_globals() if params is None else params
+    m_here = [{k: resolve_value(v, name, num_layers) for k, v in m.items()} for m in models]
+    g_here = {k: resolve_value(v, name, num_layers) for k, v in params.items()}
+    return spec.fn(base, list(taus), m_here, g_here, TensorContext(name, recipe.seed))
+
+
+class ResidentMerger:
+    """Holds the base weights and the task vectors tau_i = theta_i - theta_base, computed once, and
+    merges any recipe over the same models into a resident model's own buffers (no new model per
+    candidate)."""
+
+    def __init__(self, base: Checkpoint, experts: Sequence[Checkpoint], *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.names = base.names
+        self.num_layers = base.num_layers
+        self.base: dict[str, torch.Tensor] = {}
+        self.taus: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+        for n in self.names:
+            raw = base.get(n)
+            if not raw.is_floating_point():
+                self.base[n] = raw.to(device)
+                continue
+            b32 = raw.float()
+            self.base[n] = b32.to(dtype).to(device)
+            for i, ck in enumerate(experts):
+                self.taus[i][n] = (ck.get(n, torch.float32) - b32).to(dtype).to(device)
+
+    @classmethod
+    def from_tensors(cls, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], num_layers: int) -> ResidentMerger:
+        self = cls.__new__(cls)
+        self.names, self.num_layers, self.base, self.taus = sorted(base), num_layers, base, taus
+        return self
+
+    def merged(self, recipe: Recipe):
+        """Yield (name, merged tensor) for every tensor, in name order."""
+        if len(recipe.experts()) != len(self.taus):
+            raise UserError(f"recipe has {len(recipe.experts())} experts, the resident merger holds {len(self.taus)}")
+        models, params = recipe.resolved_models(), recipe.resolved_globals()
+        for n in self.names:
+            b = self.base[n]
+            if not b.is_floating_point():
+                yield n, b
+                continue
+            yield n, merge_tensor(recipe, n, b, [t[n] for t in self.taus], self.num_layers, models, params)
+
+    @torch.no_grad()
+    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
+        """Write the merged weights into `model`'s parameters in place."""
+        targets = dict(model.named_parameters())
+        targets.update(dict(model.named_buffers()))
+        for n, t in self.merged(recipe):
+            if n in targets:
+                targets[n].copy_(t)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TB"
+
+
+def merge_to_folder(recipe: Recipe, out: str | Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
+                    allow_pickle: bool = False, trust_remote_code: bool = False, device: str = "cpu",
+                    recipe_text: str | None = None) -> Path:
+    """Stream the merge tensor by tensor into a Hugging Face folder. Peak memory stays near one output
+    shard plus the tensors being merged; inputs are read lazily from their safetensors files. The
+    folder is written under a temporary name and renamed at the end, so a failed merge leaves nothing."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out}: output folder exists; pass --force to replace it")
+    base, experts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    compute = TORCH_DTYPES[recipe.torch_dtype]
+    out_dtype = TORCH_DTYPES[recipe.output_dtype]
+    models, params = recipe.resolved_models(), recipe.resolved_globals()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards: list[dict[str, str]] = []
+        current: dict[str, torch.Tensor] = {}
+        size = 0
+        total = 0
+
+        def flush() -> None:
+            nonlocal current, size
+            if current:
+                name = f"shard-{len(shards):05d}.safetensors"
+                save_file(current, str(tmp / name), metadata={"format": "pt"})
+                shards.append({k: name for k in current})
+                current, size = {}, 0
+
+        for n in base.names:
+            b = base.get(n)
+            if b.is_floating_point():
+                b32 = b.float()
+                b = b32.to(compute).to(device)
+                taus = [(ck.get(n, torch.float32) - b32).to(compute).to(device) for ck in experts]
+                t = merge_tensor(recipe, n, b, taus, base.num_layers, models, params)
+                if not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"merged tensor {n} holds NaN or inf (check weights that sum to zero with normalize)")
+                t = t.to(out_dtype).cpu().contiguous()
+            else:
+                t = b
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[n] = t
+            size += nbytes
+            total += nbytes
+        flush()
+        _finish_shards(tmp, shards, total)
+        cfg = dict(base.config)
+        cfg["torch_dtype"] = recipe.output_dtype
+        cfg.pop("dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        for f in TOKENIZER_FILES:
+            if (base.path / f).exists():
+                shutil.copy2(base.path / f, tmp / f)
+        (tmp / "mergeopt_recipe.yaml").write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _finish_shards(folder: Path, shards: list[dict[str, str]], total: int) -> None:
+    """Name the shards as transformers expects: one `model.safetensors`, or `model-0000i-of-0000N`
+    files with an index."""
+    if len(shards) == 1:
+        os.replace(folder / next(iter(shards[0].values())), folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        old = next(iter(shard.values()))
+        new = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / old, folder / new)
+        weight_map.update(dict.fromkeys(shard, new))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

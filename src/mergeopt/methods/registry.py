@@ -1,0 +1,83 @@
+"""The merge-method registry: every method is declared once, by name, as a pure function of tensors
+and parameters. Nothing here knows about files, Optuna or Ray."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges: its name (which seeds its random masks),
+    the recipe seed, and the device masks are moved to."""
+
+    name: str
+    seed: int = 0
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, tensor name, model index): the same mask whatever the
+        tensor order, the process or the device the merge runs on."""
+        digest = hashlib.sha256(f"{self.seed}/{self.name}/{model_index}".encode()).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+# base tensor, task vectors, per-model parameters, global parameters, context -> merged tensor
+MethodFn = Callable[[torch.Tensor, list[torch.Tensor], list[dict[str, Any]], dict[str, Any], TensorContext], torch.Tensor]
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MethodFn
+    model_params: Mapping[str, Any]  # per-model parameter -> default (REQUIRED when none)
+    global_params: Mapping[str, Any]  # shared parameter -> default
+    random: bool = False  # draws masks: the recipe seed matters
+    exact_models: int | None = None  # slerp: exactly one expert besides the base
+    doc: str = ""
+    mergekit_name: str | None = field(default=None)
+
+    def resolve_globals(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(given) - set(self.global_params)
+        if unknown:
+            raise KeyError(f"unknown parameter {sorted(unknown)[0]!r} for method {self.name!r}; "
+                           f"expected one of {sorted(self.global_params)}")
+        out = {k: given.get(k, v) for k, v in self.global_params.items()}
+        missing = [k for k, v in out.items() if v is REQUIRED]
+        if missing:
+            raise KeyError(f"method {self.name!r} needs parameter {missing[0]!r}")
+        return out
+
+    def resolve_model(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(given) - set(self.model_params)
+        if unknown:
+            raise KeyError(f"unknown per-model parameter {sorted(unknown)[0]!r} for method {self.name!r}; "
+                           f"expected one of {sorted(self.model_params)}")
+        out = {k: given.get(k, v) for k, v in self.model_params.items()}
+        missing = [k for k, v in out.items() if v is REQUIRED]
+        if missing:
+            raise KeyError(f"method {self.name!r} needs per-model parameter {missing[0]!r}")
+        return out
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"merge method {spec.name!r} registered twice")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; expected one of {sorted(METHODS)}") from None

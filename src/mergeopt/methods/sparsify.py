@@ -1,0 +1,83 @@
+"""Sparsifiers of the task-arithmetic family: which entries of one task vector survive, and how the
+survivors are rescaled. `density` is the keep share (DARE's drop rate p is 1 - density)."""
+
+from __future__ import annotations
+
+import torch
+
+RESCALE_MODES = ("inverse", "l1", "none")
+
+
+def _rescale(x: torch.Tensor, kept: torch.Tensor, keep_prob: torch.Tensor | float, mode: str) -> torch.Tensor:
+    """`inverse`: survivors / keep probability (the DARE and DELLA papers, unbiased in expectation);
+    `l1`: match the L1 norm of the whole tensor (mergekit's rule); `none`: no rescale."""
+    if mode == "inverse":
+        return kept / keep_prob
+    if mode == "l1":
+        before, after = x.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    return kept
+
+
+def magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the k = max(1, floor(density * N)) entries of largest magnitude."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(x)
+    k = max(1, int(density * n))
+    flat = x.reshape(-1)
+    idx = torch.topk(flat.abs().float(), k, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(x.shape)
+
+
+def magnitude_outliers(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the `gamma` share of largest magnitudes and the smallest ones, keeping
+    floor(density * N) entries in between."""
+    if density >= 1:
+        return x
+    n = x.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bot = max(0, n - keep - top)
+    flat = x.reshape(-1)
+    order = torch.argsort(flat.abs().float(), stable=True)
+    out = torch.zeros_like(flat)
+    sel = order[bot: bot + keep]
+    out[sel] = flat[sel]
+    return out.reshape(x.shape)
+
+
+def bernoulli(x: torch.Tensor, density: float, gen: torch.Generator, rescale: str) -> torch.Tensor:
+    """DARE: drop each entry with probability p = 1 - density, rescale the survivors."""
+    if density >= 1:
+        return x
+    if density <= 0:
+        return torch.zeros_like(x)
+    keep = torch.rand(x.shape, generator=gen, dtype=torch.float32).to(x.device) < density
+    return _rescale(x, x * keep, density, rescale)
+
+
+def della_magprune(x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: str) -> torch.Tensor:
+    """DELLA: keep probabilities ranked by magnitude within each row, from density - epsilon (smallest)
+    to density + epsilon (largest); survivors rescaled."""
+    if density >= 1:
+        return x
+    if density <= 0:
+        return torch.zeros_like(x)
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1 (density {density}, epsilon {epsilon})")
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+    n = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1, stable=True), dim=1).float()
+    rn = (ranks / max(1, n - 1)).clamp(0, 1)
+    p_keep = (density - epsilon) + 2 * epsilon * rn
+    keep = torch.rand(rows.shape, generator=gen, dtype=torch.float32).to(x.device) < p_keep.to(x.device)
+    kept = rows * keep
+    out = _rescale(rows, kept, p_keep.to(x.dtype).to(x.device), rescale) if rescale == "inverse" else _rescale(rows, kept, 1.0, rescale)
+    return out.reshape(x.shape)

@@ -1,0 +1,132 @@
+"""Each merge method against values computed by hand on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergeopt.methods import METHODS, TensorContext, get_method, resolve_value
+from mergeopt.methods import sparsify as sp
+from mergeopt.recipe import Recipe
+
+CTX = TensorContext("model.layers.0.mlp.up_proj.weight", seed=3)
+
+
+def run(method: str, base, taus, models, **params):
+    spec = get_method(method)
+    return spec.fn(torch.tensor(base), [torch.tensor(t) for t in taus], [spec.resolve_model(m) for m in models],
+                   spec.resolve_globals(params), CTX)
+
+
+def test_registry_has_every_method():
+    assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "breadcrumbs", "della"} <= set(METHODS)
+
+
+def test_linear_weighted_average_of_full_weights():
+    # theta_1 = [1, 2], theta_2 = [3, 4]; weights 1 and 3
+    out = run("linear", [0.0, 0.0], [[1.0, 2.0], [3.0, 4.0]], [{"weight": 1.0}, {"weight": 3.0}])
+    assert out.tolist() == [2.5, 3.5]
+    out = run("linear", [0.0, 0.0], [[1.0, 2.0], [3.0, 4.0]], [{"weight": 1.0}, {"weight": 3.0}], normalize=False)
+    assert out.tolist() == [10.0, 14.0]
+
+
+def test_task_arithmetic_with_lambda():
+    out = run("task_arithmetic", [1.0, 1.0], [[1.0, -2.0], [0.5, 4.0]], [{"weight": 1.0}, {"weight": 0.5}], **{"lambda": 2.0})
+    # 1 + 2 * (1*[1,-2] + 0.5*[0.5,4]) = [1 + 2*1.25, 1 + 2*0]
+    assert out.tolist() == [3.5, 1.0]
+
+
+def test_ties_sign_election_counts_zero_as_positive():
+    out = run("ties", [0.0] * 4, [[1, -2, 3, 0], [-1, -1, 1, 2]], [{"weight": 1.0}, {"weight": 1.0}])
+    # sums [0,-3,4,2]: signs [+,-,+,+]; elementwise mean of the agreeing values
+    assert out.tolist() == [1.0, -1.5, 2.0, 2.0]
+
+
+def test_ties_trims_to_top_density_then_elects():
+    # density 0.5 of 4 entries keeps the 2 largest magnitudes of each task vector
+    assert sp.magnitude(torch.tensor([1.0, -3.0, 2.0, 0.5]), 0.5).tolist() == [0.0, -3.0, 2.0, 0.0]
+    assert sp.magnitude(torch.tensor([1.0, -3.0, 2.0, 0.5]), 0.1).tolist() == [0.0, -3.0, 0.0, 0.0]  # k >= 1
+    out = run("ties", [0.0] * 4, [[1.0, -3.0, 2.0, 0.5], [-4.0, 1.0, 0.0, 3.0]],
+              [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    # trimmed: [0,-3,2,0] and [-4,0,0,3]; sums [-4,-3,2,3] -> each entry has one agreeing value
+    assert out.tolist() == [-4.0, -3.0, 2.0, 3.0]
+
+
+def test_ties_magnitude_ties_keep_exactly_k():
+    kept = sp.magnitude(torch.ones(10), 0.3)
+    assert int((kept != 0).sum()) == 3
+
+
+def test_dare_rescales_survivors_by_inverse_keep_probability():
+    x = torch.full((10000,), 0.01)
+    out = sp.bernoulli(x, 0.5, CTX.generator(0), "inverse")
+    survivors = out[out != 0]
+    assert torch.allclose(survivors, torch.full_like(survivors, 0.02))
+    assert 0.47 < survivors.numel() / x.numel() < 0.53
+    assert abs(float(out.sum()) - float(x.sum())) / float(x.sum()) < 0.05  # unbiased in expectation
+    l1 = sp.bernoulli(x, 0.5, CTX.generator(0), "l1")
+    assert torch.allclose(l1.abs().sum(), x.abs().sum())  # mergekit's rule: L1 norm matched exactly
+
+
+def test_dare_masks_are_seeded_by_seed_tensor_and_model():
+    x = torch.randn(1000)
+    a = sp.bernoulli(x, 0.3, TensorContext("t", 1).generator(0), "inverse")
+    assert torch.equal(a, sp.bernoulli(x, 0.3, TensorContext("t", 1).generator(0), "inverse"))
+    assert not torch.equal(a, sp.bernoulli(x, 0.3, TensorContext("t", 2).generator(0), "inverse"))
+    assert not torch.equal(a, sp.bernoulli(x, 0.3, TensorContext("u", 1).generator(0), "inverse"))
+    assert not torch.equal(a, sp.bernoulli(x, 0.3, TensorContext("t", 1).generator(1), "inverse"))
+
+
+def test_dare_ties_and_dare_linear_reduce_to_ties_and_ta_at_density_one():
+    base, taus = [0.0] * 4, [[1.0, -2.0, 3.0, 0.0], [-1.0, -1.0, 1.0, 2.0]]
+    models = [{"weight": 0.7}, {"weight": 0.4}]
+    assert run("dare_linear", base, taus, models).tolist() == run("task_arithmetic", base, taus, models).tolist()
+    assert run("dare_ties", base, taus, models).tolist() == run("ties", base, taus, models, normalize=False).tolist()
+
+
+def test_slerp_endpoints_arc_and_parallel_fallback():
+    base, tau = [1.0, 0.0], [[-1.0, 1.0]]  # theta_1 = [0, 1], orthogonal to the base
+    assert run("slerp", base, tau, [{}], t=0.0).tolist() == [1.0, 0.0]
+    assert torch.allclose(run("slerp", base, tau, [{}], t=1.0), torch.tensor([0.0, 1.0]), atol=1e-6)
+    mid = run("slerp", base, tau, [{}], t=0.5)
+    assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]), atol=1e-6)  # on the arc, not the chord
+    par = run("slerp", [1.0, 2.0], [[1.0, 2.0]], [{}], t=0.25)  # theta_1 = 2 * base: parallel -> lerp
+    assert par.tolist() == [1.25, 2.5]
+
+
+def test_breadcrumbs_drops_largest_and_smallest():
+    x = torch.arange(1.0, 11.0)
+    assert sp.magnitude_outliers(x, 0.5, 0.2).tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
+    assert torch.equal(sp.magnitude_outliers(x, 1.0, 0.2), x)
+
+
+def test_della_rank_probabilities_and_rescale():
+    x = torch.linspace(0.001, 1.0, 20000).reshape(2, 10000)
+    out = sp.della_magprune(x, 0.5, 0.2, CTX.generator(0), "inverse")
+    kept = out != 0
+    small, large = kept[:, :2000].float().mean(), kept[:, -2000:].float().mean()
+    assert 0.28 < small < 0.36 and 0.64 < large < 0.72  # keep probability 0.3 -> 0.7 by magnitude rank
+    ratio = out[kept] / x[kept]
+    assert float(ratio.min()) >= 1 / 0.7 - 1e-3 and float(ratio.max()) <= 1 / 0.3 + 1e-3
+    with pytest.raises(ValueError):
+        sp.della_magprune(x, 0.9, 0.15, CTX.generator(0), "inverse")
+
+
+def test_per_layer_values_are_interpolated():
+    assert resolve_value([0.0, 1.0], "model.layers.1.mlp.up_proj.weight", 3) == 0.5
+    assert resolve_value([0.0, 0.5, 1.0], "model.layers.2.self_attn.q_proj.weight", 3) == 1.0
+    assert resolve_value([0.2, 1.0], "model.embed_tokens.weight", 3) == 0.2
+    assert resolve_value(0.7, "lm_head.weight", 3) == 0.7
+
+
+def test_effective_weight_is_weight_times_language_times_objective():
+    r = Recipe.model_validate({
+        "merge_method": "task_arithmetic", "base_model": "b",
+        "models": [{"model": "a", "parameters": {"weight": 0.5}, "language": "fr", "objective": "helpful"},
+                   {"model": "s", "parameters": {"weight": 1.0}, "objective": "safety"},
+                   {"model": "c", "parameters": {"weight": [0.2, 0.4]}, "language": "es"}],
+        "language_coefficients": {"fr": 2.0, "es": 0.5}, "objective_coefficients": {"helpful": 0.8, "safety": 1.5}})
+    w = [m["weight"] for m in r.resolved_models()]
+    assert w[0] == pytest.approx(0.5 * 2.0 * 0.8) and w[1] == pytest.approx(1.5) and w[2] == pytest.approx([0.1, 0.2])
