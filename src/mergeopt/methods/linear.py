@@ -8,15 +8,16 @@ from .registry import REQUIRED, MethodSpec, TensorContext, register
 
 
 def linear(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict, ctx: TensorContext) -> torch.Tensor:
-    """sum_i w_i * theta_i, divided by sum_i w_i when `normalize`; theta_i = base + tau_i. Float32 inside."""
-    acc = torch.zeros_like(base, dtype=torch.float32)
-    total = 0.0
-    for tau, m in zip(taus, models, strict=True):
-        w = float(m["weight"])
-        acc.add_(base.float() + tau.float(), alpha=w)
-        total += w
-    if params["normalize"]:
-        acc /= total
+    """sum_i w_i * theta_i, divided by sum_i w_i when `normalize`; theta_i = base + tau_i. Float32 inside.
+
+    Computed as base * sum_i w_i + sum_i w_i tau_i, so each task vector is read once and no full
+    expert weights are materialised (normalize folds the division into the weights)."""
+    weights = [float(m["weight"]) for m in models]
+    total = sum(weights)
+    norm = total if params["normalize"] else 1.0
+    acc = base.float() * (total / norm)
+    for tau, w in zip(taus, weights, strict=True):
+        acc.add_(tau.float(), alpha=w / norm)
     return acc.to(base.dtype)
 
 

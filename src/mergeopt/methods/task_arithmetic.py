@@ -34,28 +34,27 @@ def _sparsify(kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorCo
 
 def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict,
                                 ctx: TensorContext, *, sparsifier: str, consensus: bool) -> torch.Tensor:
-    deltas, weights = [], []
-    for i, (tau, m) in enumerate(zip(taus, models, strict=True)):
-        w = float(m["weight"])
-        deltas.append(_sparsify(sparsifier, tau, m, params, ctx, i) * w)
-        weights.append(w)
-    if not deltas:
-        return base.clone()
-    stacked = torch.stack(deltas)
-    if consensus:
-        elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
-        agree = torch.sign(stacked) == elected
-        mixed = (stacked * agree).sum(0)
-        if params["normalize"]:
-            w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
-            divisor = (agree * w).sum(0)
-            mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = stacked.sum(0)
-        if params["normalize"]:
-            total = sum(weights)
-            mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)
+    weights = [float(m["weight"]) for m in models]
     lam = float(params["lambda"])
+    if not taus:
+        return base.clone()
+    if not consensus:
+        # Accumulate in place: one pass over each task vector, no stacked copies.
+        total = sum(weights)
+        scale = lam / (total if abs(total) >= 1e-8 else 1.0) if params["normalize"] else lam
+        out = base.clone()
+        for i, (tau, m, w) in enumerate(zip(taus, models, weights, strict=True)):
+            out.add_(_sparsify(sparsifier, tau, m, params, ctx, i), alpha=w * scale)
+        return out
+    stacked = torch.stack([_sparsify(sparsifier, tau, m, params, ctx, i) * w
+                           for i, (tau, m, w) in enumerate(zip(taus, models, weights, strict=True))])
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = torch.sign(stacked) == elected
+    mixed = (stacked * agree).sum(0)
+    if params["normalize"]:
+        w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
+        divisor = (agree * w).sum(0)
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     if lam != 1.0:
         mixed = mixed * lam
     return (base + mixed).to(base.dtype)
