@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mergeopt zoo build --size default
+	$(BIN)/optimize --space search_spaces/safety_multilingual.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

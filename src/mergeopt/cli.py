@@ -65,6 +65,185 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(path: str, allow_pickle: bool, trust_remote_code: bool):
+    """A saved model for evaluation, with the same safety checks as a merge input."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoints import Checkpoint
+
+    Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=not allow_pickle or None).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return model, tok
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluation.assets import resolve_assets
+    from .evaluation.evaluator import Evaluator, MetricError
+    from .space import load_space
+
+    torch.set_num_threads(args.threads)
+    space = load_space(args.space)
+    assets = resolve_assets(space.evaluation, args.split)
+    model, tok = _load_model(args.model, args.allow_pickle, args.trust_remote_code)
+    try:
+        metrics = Evaluator(model, tok, assets).evaluate()
+    except MetricError as e:
+        raise UserError(f"{args.model}: {e}") from None
+    w = space.combined_weights
+    metrics["combined"] = sum(c * metrics.get(k, 0.0) for k, c in w.items())
+    if args.json:
+        print(json.dumps({"model": args.model, "split": args.split, "metrics": metrics}, indent=2))
+        return 0
+    t = Table(title=f"{args.model} ({args.split} split)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in sorted(metrics):
+        t.add_row(k, f"{metrics[k]:.4f}")
+    Console().print(t)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .space import load_space
+
+    torch.set_num_threads(1)
+    space = load_space(args.space)
+    over: dict = {}
+    for key in ("n_trials", "workers", "sampler", "seed"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    if over:
+        space = space.model_copy(update={"search": space.search.model_copy(update=over)})
+        from .space import Space
+
+        space = Space.model_validate(space.model_dump(mode="json", by_alias=True))
+    run_dir = Path(args.run_dir) if args.run_dir else space.run_dir
+    console = Console(quiet=args.quiet)
+    dists = space.distributions()
+    console.print(f"[bold]{space.name}[/]: {len(space.models)} models, methods {', '.join(space.methods)}, "
+                  f"{len(dists)} searched parameters, sampler {space.search.sampler}, {space.search.n_trials} trials, "
+                  f"{space.search.workers} worker(s) -> {run_dir}")
+    if args.dry_run:
+        t = Table(title="search space")
+        t.add_column("parameter")
+        t.add_column("distribution")
+        for k, d in dists.items():
+            t.add_row(k, repr(d))
+        console.print(t)
+        console.print(f"objectives: {', '.join(f'{o.metric} ({o.direction})' for o in space.objectives)}; "
+                      f"combined: {space.combined}; storage: {space.storage or f'sqlite:///{run_dir}/study.db'}")
+        console.print(f"baselines enqueued first: {len(space.baselines()) if space.search.baselines else 0}")
+        return 0
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .report import write_reports
+    from .search import run_study
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
+                  TextColumn("best {task.fields[best]}  front {task.fields[front]}  HV {task.fields[hv]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet) as bar:
+        task = bar.add_task("optimize", total=space.search.n_trials, best="-", front=0, hv="-")
+
+        def on_progress(p) -> None:
+            bar.update(task, completed=p.done, best=f"{p.best_combined:+.3f}" if p.best_combined > -1e9 else "-",
+                       front=p.front_size, hv=f"{p.hypervolume:.3f}")
+
+        study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
+                          address=args.address, backend=args.backend, on_progress=on_progress)
+    summary = write_reports(space, study, run_dir, elapsed_s=time.perf_counter() - t0)
+    _print_front(Console(width=max(Console().width, 130)), space, summary)
+    return 0
+
+
+def _print_front(console: Console, space, summary: dict) -> None:
+    t = Table(title=f"{summary['name']}: Pareto front ({summary['trials']['complete']} complete trials, "
+                    f"hypervolume {summary['hypervolume']:.3f})")
+    langs = sorted({k.split("/")[1] for f in summary["front"] for k in f["metrics"] if k.startswith("helpfulness/")})
+    for col in ("trial", "method", *[f"help/{lg}" for lg in langs], "help", "harm", "over-ref", "unusable", "combined", "note"):
+        t.add_column(col, justify="left" if col in ("method", "note") else "right")
+
+    def row(name: str, method: str, m: dict, note: str = "") -> None:
+        t.add_row(name, method, *[f"{m.get(f'helpfulness/{lg}', float('nan')):.2f}" for lg in langs],
+                  f"{m['helpfulness']:.2f}", f"{m['harm']:.2f}", f"{m.get('over_refusal', 0):.2f}",
+                  f"{m.get('unusable', 0):.2f}", f"{m['combined']:+.3f}", note)
+
+    for f in summary["front"]:
+        row(str(f["trial"]), f["params"].get("method", space.methods[0]), f["metrics"], f.get("baseline") or "")
+    for name, ref in summary.get("references", {}).items():
+        row(name, "(reference)", ref["metrics"], "dominated by the front" if ref["dominated_by_front"] else "not dominated")
+    console.print(t)
+    best_single = summary.get("best_single_expert_combined")
+    if summary.get("best"):
+        b = summary["best"]
+        msg = f"best combined: trial {b['trial']} at {b['metrics']['combined']:+.3f}"
+        if best_single is not None:
+            verdict = "beats" if summary["merge_beats_every_single_expert"] else "does NOT beat"
+            msg += f"; it {verdict} every single expert (best single expert {best_single:+.3f})"
+        console.print(msg)
+    for name, ref in summary.get("references", {}).items():
+        diff = ref["metrics"]["combined"] - summary["best"]["metrics"]["combined"] if summary.get("best") else 0
+        console.print(f"{name}: combined {ref['metrics']['combined']:+.3f} ({diff:+.3f} against the best merge); "
+                      + ("the front dominates it" if ref["dominated_by_front"] else "no merge on the front dominates it")
+                      + (f"; it dominates front trials {ref['dominates_front_members']}" if ref["dominates_front_members"] else ""))
+
+
+def _load_run(run_dir: str):
+    from .search import open_study
+    from .space import Space
+
+    p = Path(run_dir)
+    if not (p / "space.json").exists():
+        raise UserError(f"{p}: not a run folder (no space.json); expected the folder optimize wrote")
+    space = Space.model_validate(json.loads((p / "space.json").read_text()))
+    return space, open_study(space, p)
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from .report import write_reports
+
+    space, study = _load_run(args.run_dir)
+    summary = write_reports(space, study, Path(args.run_dir))
+    if args.json:
+        print(json.dumps(summary["front"], indent=2, default=float))
+    else:
+        _print_front(Console(width=max(Console().width, 130)), space, summary)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .search import finished, front_stats
+
+    space, study = _load_run(args.run_dir)
+    done = len(finished(study))
+    best, front_n, hv = front_stats(space, study)
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    print(f"{space.name}: {done}/{space.search.n_trials} trials finished ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); "
+          f"best combined {best:+.3f}, front {front_n}, hypervolume {hv:.3f}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .space import Space
+
+    print(json.dumps(Space.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergeopt", description="Search-based optimizer for merging language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -92,7 +271,46 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
     m.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
     m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("eval", help="score a saved model with a space file's evaluation")
+    e.add_argument("model", help="model folder (safetensors, config, tokenizer)")
+    e.add_argument("--space", required=True, help="search-space file (or a name in search_spaces/)")
+    e.add_argument("--split", choices=["validation", "test"], default="validation")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--allow-pickle", action="store_true")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("optimize", help="search merge recipes for a space file (resumes an existing run folder)")
+    add_optimize_args(o)
+    o.set_defaults(func=cmd_optimize)
+
+    pa = sub.add_parser("pareto", help="print the Pareto front of a run folder (and rewrite its reports)")
+    pa.add_argument("run_dir")
+    pa.add_argument("--json", action="store_true")
+    pa.set_defaults(func=cmd_pareto)
+
+    st = sub.add_parser("status", help="progress of a run folder")
+    st.add_argument("run_dir")
+    st.set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of search-space files")
+    sc.set_defaults(func=cmd_schema)
     return p
+
+
+def add_optimize_args(o: argparse.ArgumentParser) -> None:
+    o.add_argument("--space", required=True, help="search-space YAML (a bare name is looked up in search_spaces/)")
+    o.add_argument("--n-trials", type=int, help="trials in the study (resumed trials count)")
+    o.add_argument("--workers", type=int, help="parallel workers (Ray actors)")
+    o.add_argument("--sampler", choices=["tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes"])
+    o.add_argument("--seed", type=int)
+    o.add_argument("--run-dir", help="run folder (default runs/<name>/)")
+    o.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
+    o.add_argument("--backend", choices=["ray", "inline"], default="ray", help="inline: one worker in this process")
+    o.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; load nothing")
+    o.add_argument("--quiet", action="store_true", help="no progress bar (CI logs)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,14 +56,16 @@ def open_models(recipe: Recipe, *, allow_pickle: bool = False, trust_remote_code
 
 
 def merge_tensor(recipe: Recipe, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], num_layers: int,
-                 models: list[dict] | None = None, params: dict | None = None) -> torch.Tensor:
-    """Merge one tensor. Per-layer list values are resolved at the tensor's layer position."""
+                 models: list[dict] | None = None, params: dict | None = None, *, out: torch.Tensor | None = None,
+                 memo: dict | None = None) -> torch.Tensor:
+    """Merge one tensor (into `out` when given). Per-layer list values are resolved at the tensor's
+    layer position."""
     spec = get_method(recipe.merge_method)
     models = recipe.resolved_models() if models is None else models
     params = recipe.resolved_globals() if params is None else params
     m_here = [{k: resolve_value(v, name, num_layers) for k, v in m.items()} for m in models]
     g_here = {k: resolve_value(v, name, num_layers) for k, v in params.items()}
-    return spec.fn(base, list(taus), m_here, g_here, TensorContext(name, recipe.seed))
+    return spec.fn(base, list(taus), m_here, g_here, TensorContext(name, recipe.seed, out=out, memo=memo))
 
 
 class ResidentMerger:
@@ -86,15 +88,18 @@ class ResidentMerger:
             self.base[n] = b32.to(dtype).to(device)
             for i, ck in enumerate(experts):
                 self.taus[i][n] = (ck.get(n, torch.float32) - b32).to(dtype).to(device)
+        self.memo: dict = {}  # values derived from the task vectors alone (TIES magnitude ranks)
 
     @classmethod
     def from_tensors(cls, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], num_layers: int) -> ResidentMerger:
         self = cls.__new__(cls)
         self.names, self.num_layers, self.base, self.taus = sorted(base), num_layers, base, taus
+        self.memo = {}
         return self
 
-    def merged(self, recipe: Recipe):
-        """Yield (name, merged tensor) for every tensor, in name order."""
+    def merged(self, recipe: Recipe, targets: dict[str, torch.Tensor] | None = None):
+        """Yield (name, merged tensor) for every tensor, in name order; written into `targets[name]`
+        when that buffer has the right shape, dtype and device."""
         if len(recipe.experts()) != len(self.taus):
             raise UserError(f"recipe has {len(recipe.experts())} experts, the resident merger holds {len(self.taus)}")
         models, params = recipe.resolved_models(), recipe.resolved_globals()
@@ -103,15 +108,16 @@ class ResidentMerger:
             if not b.is_floating_point():
                 yield n, b
                 continue
-            yield n, merge_tensor(recipe, n, b, [t[n] for t in self.taus], self.num_layers, models, params)
+            yield n, merge_tensor(recipe, n, b, [t[n] for t in self.taus], self.num_layers, models, params,
+                                  out=None if targets is None else targets.get(n), memo=self.memo)
 
     @torch.no_grad()
     def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> None:
         """Write the merged weights into `model`'s parameters in place."""
-        targets = dict(model.named_parameters())
+        targets = {n: p.data for n, p in model.named_parameters()}
         targets.update(dict(model.named_buffers()))
-        for n, t in self.merged(recipe):
-            if n in targets:
+        for n, t in self.merged(recipe, targets):
+            if n in targets and t.data_ptr() != targets[n].data_ptr():
                 targets[n].copy_(t)
 
 

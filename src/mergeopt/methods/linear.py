@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .registry import REQUIRED, MethodSpec, TensorContext, register
+from .task_arithmetic import CHUNK
 
 
 def linear(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict, ctx: TensorContext) -> torch.Tensor:
@@ -15,10 +16,15 @@ def linear(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], par
     weights = [float(m["weight"]) for m in models]
     total = sum(weights)
     norm = total if params["normalize"] else 1.0
-    acc = base.float() * (total / norm)
-    for tau, w in zip(taus, weights, strict=True):
-        acc.add_(tau.float(), alpha=w / norm)
-    return acc.to(base.dtype)
+    out = ctx.destination(base)
+    b, o, n = base.reshape(-1), out.view(-1), base.numel()
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        acc = b[s:e].float() * (total / norm)
+        for tau, w in zip(taus, weights, strict=True):
+            acc.add_(tau.reshape(-1)[s:e].float(), alpha=w / norm)
+        o[s:e] = acc
+    return out
 
 
 register(MethodSpec("linear", linear, model_params={"weight": REQUIRED}, global_params={"normalize": True},

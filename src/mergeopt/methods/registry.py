@@ -13,11 +13,28 @@ import torch
 
 @dataclass(frozen=True)
 class TensorContext:
-    """What a method may know about the tensor it merges: its name (which seeds its random masks),
-    the recipe seed, and the device masks are moved to."""
+    """What a method may know about the tensor it merges: its name (which seeds its random masks), the
+    recipe seed, an optional destination buffer to write into (saves a copy per candidate), and an
+    optional memo for values derived from the task vectors alone (they do not change between trials)."""
 
     name: str
     seed: int = 0
+    out: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    memo: dict | None = field(default=None, compare=False, repr=False)
+
+    def destination(self, like: torch.Tensor) -> torch.Tensor:
+        out = self.out
+        if out is not None and out.shape == like.shape and out.dtype == like.dtype and out.device == like.device:
+            return out
+        return torch.empty_like(like)
+
+    def remember(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if self.memo is None:
+            return compute()
+        full = (self.name, *key)
+        if full not in self.memo:
+            self.memo[full] = compute()
+        return self.memo[full]
 
     def generator(self, model_index: int) -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, model index): the same mask whatever the

@@ -1,0 +1,293 @@
+"""The study: samplers, the ask/tell loop over the workers, pruning on the subset stage, resume.
+
+The driver never merges or evaluates; it asks Optuna for a candidate whenever a worker is free, so no
+worker waits on another's trial, and tells the result as soon as it arrives. Optuna's storage is the
+single source of truth: a re-run on the same run folder continues the study."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .errors import UserError
+from .objectives import combined_score, hypervolume, objective_values, pareto_mask
+from .space import Space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SEED_STRIDE = 1_000_003  # trial seed = study seed * stride + trial number: distinct, reproducible masks
+
+
+def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+    s = space.search
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=min(10, max(4, s.n_trials // 4)))
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=min(50, max(8, s.n_trials // 5)))
+    if s.sampler == "nsga3":
+        return optuna.samplers.NSGAIIISampler(seed=s.seed, population_size=min(50, max(8, s.n_trials // 5)))
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=min(10, max(4, s.n_trials // 4)),
+                                         warn_independent_sampling=False)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, sigma0=1 / 6, warn_independent_sampling=False)
+    if s.sampler == "grid":
+        import numpy as np
+
+        grid: dict[str, list[Any]] = {}
+        for name, d in space.distributions().items():
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                grid[name] = list(d.choices)
+            else:
+                grid[name] = [float(x) for x in np.linspace(d.low, d.high, s.grid_points)]
+        return optuna.samplers.GridSampler(grid, seed=s.seed)
+    raise UserError(f"search.sampler: unknown sampler {s.sampler!r}")
+
+
+def directions(space: Space) -> list[str]:
+    if space.search.sampler == "cmaes":  # single-objective: the combined score (the mergekit-evolve way)
+        return ["maximize"]
+    return [o.direction for o in space.objectives]
+
+
+def open_study(space: Space, run_dir: Path, *, resume_ok: bool = True) -> optuna.Study:
+    """Create the study, or load it from the run folder's storage to resume. A run folder made by a
+    different space file is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = space.storage or f"sqlite:///{run_dir / 'study.db'}"
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
+        if url.startswith("sqlite") else url
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)} if url.startswith("sqlite") else set()
+    if space.name in existing:
+        study = optuna.load_study(study_name=space.name, storage=storage, sampler=make_sampler(space))
+        fp = study.user_attrs.get("fingerprint")
+        if fp != space.fingerprint():
+            raise UserError(f"{run_dir}: this run folder was made by a different search space (fingerprint {fp}, "
+                            f"this file {space.fingerprint()}); use --run-dir to start fresh elsewhere or delete the folder")
+        return study
+    study = optuna.create_study(study_name=space.name, storage=storage, sampler=make_sampler(space),
+                                directions=directions(space))
+    study.set_user_attr("fingerprint", space.fingerprint())
+    study.set_user_attr("space", space.model_dump(mode="json", by_alias=True))
+    if space.search.baselines:
+        for i, params in enumerate(space.baselines()):
+            study.enqueue_trial(params, user_attrs={"baseline": "uniform average" if i == 0 and len(space.models) > 1
+                                                     else f"{_alone(space, params)} alone"})
+    return study
+
+
+def _alone(space: Space, params: dict) -> str:
+    for m in space.models:
+        if params.get(f"weight/{m.key}", 0) == max(params.get(f"weight/{k.key}", 0) for k in space.models):
+            return m.key
+    return "?"
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Trials a crash left RUNNING are failed and their parameters enqueued again."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "baseline"})
+        n += 1
+    return n
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward n_trials: complete, pruned, or failed for a reason of their own."""
+    S = optuna.trial.TrialState
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and not t.user_attrs.get("interrupted"))]
+
+
+@dataclass
+class Progress:
+    done: int = 0
+    total: int = 0
+    best_combined: float = float("-inf")
+    front_size: int = 0
+    hypervolume: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def eta(self, new_done: int, new_total: int) -> float:
+        el = time.perf_counter() - self.started
+        return el / new_done * (new_total - new_done) if new_done else float("nan")
+
+
+def front_stats(space: Space, study: optuna.Study) -> tuple[float, int, float]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not done:
+        return float("-inf"), 0, 0.0
+    vals = [objective_values(space, t.user_attrs["metrics"]) for t in done]
+    best = max(t.user_attrs["metrics"]["combined"] for t in done)
+    return best, int(pareto_mask(space, vals).sum()), hypervolume(space, vals)
+
+
+def prune_threshold(space: Space, study: optuna.Study) -> float | None:
+    """Median pruner on the subset stage: a candidate whose subset combined score falls below the median
+    subset score of the finished trials stops early (after 8 finished trials)."""
+    if space.search.pruner != "median" or not space.evaluation.subset_fraction:
+        return None
+    scores = sorted(t.user_attrs["subset"]["combined"] for t in study.get_trials(deepcopy=False)
+                    if "subset" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE)
+    if len(scores) < 8:
+        return None
+    return scores[len(scores) // 2]
+
+
+class InlinePool:
+    """Workers in this process, one after another: tests, debugging, one worker without Ray."""
+
+    def __init__(self, space: Space, workers: int):
+        from .worker import TrialWorker
+
+        self.workers = [TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=0)]
+        self.results: dict[int, dict] = {}
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def submit(self, slot: int, params: dict, seed: int, prune_below: float | None) -> Any:
+        token = len(self.results)
+        self.results[token] = self.workers[slot].run(params, seed, prune_below)
+        return token
+
+    def wait(self, pending: dict) -> tuple[Any, dict]:
+        key = next(iter(pending))
+        return key, self.results.pop(key)
+
+    def close(self) -> None:
+        pass
+
+
+class RayPool:
+    """One Ray actor per worker (a GPU each when the node has GPUs, else one CPU and one torch thread);
+    the base and task vectors go into the object store once and are shared by the actors of a node."""
+
+    def __init__(self, space: Space, workers: int, address: str | None):
+        import os
+
+        import ray
+        import torch
+
+        from .worker import TrialWorker, load_resident, pack_tensors
+
+        env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # The core worker warns that restartable actors take object-store arguments; the reference is
+        # kept alive by this pool for the whole study, so the restart it warns about cannot fail here.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        zoo_dir = os.environ.get("MERGEOPT_ZOO_DIR")
+        if zoo_dir:
+            env["MERGEOPT_ZOO_DIR"] = zoo_dir
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False,
+                                  "runtime_env": {"env_vars": env}}
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=max(workers * space.search.cpus_per_worker, 1), **kw)
+        self.ray = ray
+        gpus = space.search.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if (ray.cluster_resources().get("GPU", 0) or torch.cuda.is_available()) else 0
+        _, merger = load_resident(space)
+        shared = ray.put(pack_tensors(merger.base, merger.taus))
+        del merger
+        actor = ray.remote(num_cpus=space.search.cpus_per_worker, num_gpus=gpus, max_restarts=2,
+                           max_task_retries=0)(TrialWorker)
+        data = space.model_dump(mode="json", by_alias=True)
+        self.workers = [actor.remote(data, [shared], worker_id=i, threads=1) for i in range(workers)]
+        ray.get([w.info.remote() for w in self.workers])  # start-up errors surface here
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def submit(self, slot: int, params: dict, seed: int, prune_below: float | None) -> Any:
+        return self.workers[slot].run.remote(params, seed, prune_below)
+
+    def wait(self, pending: dict) -> tuple[Any, dict]:
+        ready, _ = self.ray.wait(list(pending), num_returns=1)
+        try:
+            return ready[0], self.ray.get(ready[0])
+        except self.ray.exceptions.RayActorError as e:
+            return ready[0], {"state": "fail", "reason": f"worker died: {type(e).__name__}"}
+
+    def close(self) -> None:
+        for w in self.workers:
+            self.ray.kill(w)
+
+
+def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, address: str | None = None,
+              backend: str = "ray", on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:
+    study = open_study(space, run_dir)
+    recover_interrupted(study)
+    (run_dir / "space.json").write_text(json.dumps(space.model_dump(mode="json", by_alias=True), indent=2))
+    prog = Progress(total=n_trials)
+    prog.done = len(finished(study))
+    prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
+    if on_progress:
+        on_progress(prog)
+    if prog.done >= n_trials:
+        return study
+    deadline = time.perf_counter() + space.search.timeout if space.search.timeout else math.inf
+    pool = InlinePool(space, workers) if backend == "inline" else RayPool(space, min(workers, n_trials - prog.done), address)
+    pending: dict[Any, tuple[optuna.trial.Trial, int, float]] = {}
+    free = list(range(pool.size))
+    try:
+        while True:
+            while free and prog.done + len(pending) < n_trials and time.perf_counter() < deadline:
+                trial = study.ask(space.distributions())
+                slot = free.pop(0)
+                seed = space.search.seed * SEED_STRIDE + trial.number
+                trial.set_user_attr("seed", seed)
+                t_sub = time.perf_counter()
+                pending[pool.submit(slot, trial.params, seed, prune_threshold(space, study))] = (trial, slot, t_sub)
+            if not pending:
+                break
+            k, result = pool.wait(pending)
+            trial, slot, t_sub = pending.pop(k)
+            _tell(space, study, trial, result, time.perf_counter() - t_sub)
+            free.append(slot)
+            prog.done = len(finished(study))
+            prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
+            if on_progress:
+                on_progress(prog)
+    finally:
+        pool.close()
+    return study
+
+
+def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: dict, wall: float) -> None:
+    for key in ("worker", "merge_s", "eval_s", "subset", "reason"):
+        if key in result:
+            trial.set_user_attr(key, result[key])
+    trial.set_user_attr("wall_s", wall)
+    trial.set_user_attr("overhead_s", max(0.0, wall - result.get("merge_s", 0.0) - result.get("eval_s", 0.0)))
+    state = result.get("state")
+    if state == "complete":
+        m = result["metrics"]
+        trial.set_user_attr("metrics", m)
+        values = [combined_score(space, m)] if space.search.sampler == "cmaes" else objective_values(space, m)
+        study.tell(trial, values)
+    elif state == "pruned":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        trial.set_user_attr("reason", result.get("reason", "unknown failure"))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -1,0 +1,336 @@
+"""The search-space file: pydantic models (so errors name the key path and a JSON Schema comes free),
+the Optuna distributions they imply, and the mapping from a trial's parameters to a merge recipe.
+
+The space is static: every parameter is suggested for every method, so samplers that model the whole
+space jointly (GP, CMA-ES, NSGA) see the same dimensions on every trial; a method ignores what it does
+not use."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import UserError
+from .methods import METHODS, get_method
+from .recipe import Recipe
+from .validation import load_yaml, parse_model
+
+SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes")
+JUDGES = ("refusal_markers", "classifier", "llm_judge")
+METRICS = ("helpfulness", "harm", "over_refusal", "unusable")
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Range(Strict):
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+Searchable = float | Range  # a number is fixed, a range is searched
+
+
+class ModelEntry(Strict):
+    path: str
+    name: str | None = None
+    language: str | None = None
+    objective: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or Path(self.path.split(":", 1)[-1]).name
+
+
+class Ranges(Strict):
+    weight: Searchable = Range(low=0.0, high=1.0)
+    density: Searchable = 1.0  # keep share; DARE drop rate p = 1 - density
+    lambda_: Searchable = Field(1.0, alias="lambda")
+    t: Searchable = Range(low=0.0, high=1.0)  # slerp
+    language_coefficients: Searchable | None = None
+    objective_coefficients: Searchable | None = None
+    layer_groups: int = Field(1, ge=1, le=16)  # >1: each model's weight is a list over layer groups
+    per_model: dict[str, dict[Literal["weight", "density"], Searchable]] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JudgeConfig(Strict):
+    kind: Literal["refusal_markers", "classifier", "llm_judge"] = "refusal_markers"
+    refusal: dict[str, list[str]] = Field(default_factory=dict)
+    compliance: dict[str, list[str]] = Field(default_factory=dict)
+    model: str | None = None  # classifier / llm_judge model folder
+    refused_labels: list[str] = Field(default_factory=lambda: ["refused", "refusal", "safe"])
+    prompt: str | None = None  # llm_judge template with {prompt} and {response}
+
+
+class SplitAssets(Strict):
+    tasks: dict[str, str] = Field(default_factory=dict)  # language -> lm-eval task name
+    harmful: dict[str, str] = Field(default_factory=dict)  # language -> jsonl prompt file
+    benign: dict[str, str] = Field(default_factory=dict)
+
+
+class EvaluationConfig(Strict):
+    zoo: Literal["default", "test"] | None = None  # fill tasks, prompts and judge from the embedded zoo
+    include_path: str | None = None
+    validation: SplitAssets = Field(default_factory=SplitAssets)
+    test: SplitAssets = Field(default_factory=SplitAssets)
+    chat_template: str | None = None  # e.g. "<user> {prompt} <bot>"; none: the tokenizer's chat template
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    mode: Literal["generate", "loglik"] = "generate"
+    refusal_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode
+    compliance_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode, may use {answer}
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    subset_fraction: float | None = Field(None, gt=0, lt=1)  # multi-fidelity first stage
+    subset_seed: int = 0
+
+
+class Objective(Strict):
+    metric: str
+    direction: Literal["maximize", "minimize"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v.split("/")[0] not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; expected one of {list(METRICS)} (optionally /<language>)")
+        return v
+
+
+class SearchConfig(Strict):
+    sampler: Literal["tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes"] = "tpe"
+    n_trials: int = Field(40, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0)  # none: 1 when the node has GPUs
+    seed: int = 0
+    pruner: Literal["none", "median"] = "none"
+    baselines: bool = True  # enqueue the uniform average and each expert alone first
+    grid_points: int = Field(3, ge=2)
+
+
+def parse_combined(expr: str) -> dict[str, float]:
+    """'helpfulness - 1.0*harm - 0.5*over_refusal' -> {metric: coefficient}."""
+    terms = re.findall(r"([+-]?)\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([a-z_]+(?:/[a-z]+)?)", expr.replace(" ", ""))
+    rebuilt = "".join(f"{s}{c + '*' if c else ''}{m}" for s, c, m in terms)
+    if not terms or rebuilt.lstrip("+") != expr.replace(" ", "").lstrip("+"):
+        raise ValueError(f"cannot parse {expr!r}; expected a sum like 'helpfulness - 1.0*harm - 0.5*over_refusal'")
+    out: dict[str, float] = {}
+    for sign, coef, metric in terms:
+        if metric.split("/")[0] not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} in {expr!r}; expected one of {list(METRICS)}")
+        out[metric] = out.get(metric, 0.0) + (-1.0 if sign == "-" else 1.0) * float(coef or 1.0)
+    return out
+
+
+class Space(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base_model: str
+    models: list[ModelEntry] = Field(min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
+    ranges: Ranges = Field(default_factory=Ranges)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="helpfulness", direction="maximize"),
+                                                                 Objective(metric="harm", direction="minimize")])
+    combined: str = "helpfulness - 1.0*harm - 0.5*over_refusal"
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    storage: str | None = None
+    output: str | None = None
+    pick: str = "combined"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in METHODS:
+                import difflib
+
+                close = difflib.get_close_matches(m, list(METHODS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown merge method {m!r}{hint} (expected one of {sorted(METHODS)})")
+        return v
+
+    @field_validator("combined")
+    @classmethod
+    def _combined(cls, v: str) -> str:
+        parse_combined(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Space:
+        keys = [m.key for m in self.models]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"models: two models share the name {sorted(dup)[0]!r}; give each a distinct name")
+        for k in self.ranges.per_model:
+            if k not in keys:
+                raise ValueError(f"ranges.per_model: {k!r} names no model; expected one of {keys}")
+        if "slerp" in self.methods and len(self.models) != 1:
+            raise ValueError("methods: slerp merges exactly one model into the base")
+        if self.search.sampler == "cmaes" and self.search.workers < 1:
+            raise ValueError("search.workers must be at least 1")
+        ev = self.evaluation
+        if ev.zoo is None and not ev.validation.tasks and not ev.validation.harmful:
+            raise ValueError("evaluation: name lm-eval tasks or prompt files under evaluation.validation, or set evaluation.zoo")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.run_dir / 'study.db'}"
+
+    @property
+    def combined_weights(self) -> dict[str, float]:
+        return parse_combined(self.combined)
+
+    def languages(self) -> list[str]:
+        return sorted({m.language for m in self.models if m.language})
+
+    def objective_tags(self) -> list[str]:
+        return sorted({m.objective for m in self.models if m.objective})
+
+    def uses_density(self) -> bool:
+        return any("density" in get_method(m).model_params for m in self.methods)
+
+    def distributions(self) -> dict[str, Any]:
+        """Parameter name -> Optuna distribution (fixed values are not searched)."""
+        import optuna.distributions as od
+
+        def dist(v: Searchable):
+            if isinstance(v, Range):
+                return od.FloatDistribution(v.low, v.high, log=v.log, step=v.step)
+            return None
+
+        out: dict[str, Any] = {}
+        if len(self.methods) > 1:
+            out["method"] = od.CategoricalDistribution(self.methods)
+        r = self.ranges
+        for m in self.models:
+            over = r.per_model.get(m.key, {})
+            w = over.get("weight", r.weight)
+            for g in range(r.layer_groups):
+                name = f"weight/{m.key}" if r.layer_groups == 1 else f"weight/{m.key}/{g}"
+                if (d := dist(w)) is not None:
+                    out[name] = d
+            if self.uses_density() and (d := dist(over.get("density", r.density))) is not None:
+                out[f"density/{m.key}"] = d
+        if (d := dist(r.lambda_)) is not None and any(m != "linear" and m != "slerp" for m in self.methods):
+            out["lambda"] = d
+        if "slerp" in self.methods and (d := dist(r.t)) is not None:
+            out["t"] = d
+        if r.language_coefficients is not None and (d := dist(r.language_coefficients)) is not None:
+            out.update({f"lang/{lg}": d for lg in self.languages()})
+        if r.objective_coefficients is not None and (d := dist(r.objective_coefficients)) is not None:
+            out.update({f"obj/{o}": d for o in self.objective_tags()})
+        return out
+
+    def recipe(self, params: dict[str, Any], seed: int) -> Recipe:
+        """The merge a trial's parameters describe. Fixed values fill what is not searched."""
+        r = self.ranges
+        method = params.get("method", self.methods[0])
+
+        def value(name: str, fixed: Searchable) -> float:
+            if name in params:
+                return float(params[name])
+            return float(fixed) if not isinstance(fixed, Range) else float(fixed.low + fixed.high) / 2
+
+        models = []
+        for m in self.models:
+            over = r.per_model.get(m.key, {})
+            w = over.get("weight", r.weight)
+            if r.layer_groups == 1:
+                weight: float | list[float] = value(f"weight/{m.key}", w)
+            else:
+                weight = [value(f"weight/{m.key}/{g}", w) for g in range(r.layer_groups)]
+            p: dict[str, Any] = {}
+            spec = get_method(method)
+            if "weight" in spec.model_params:
+                p["weight"] = weight
+            if "density" in spec.model_params:
+                p["density"] = value(f"density/{m.key}", over.get("density", r.density))
+            models.append({"model": m.path, "parameters": p, "language": m.language, "objective": m.objective})
+        spec = get_method(method)
+        glob: dict[str, Any] = {}
+        if "lambda" in spec.global_params:
+            glob["lambda"] = value("lambda", r.lambda_)
+        if method == "slerp":
+            glob["t"] = value("t", r.t)
+        data: dict[str, Any] = {"merge_method": method, "base_model": self.base_model, "models": models,
+                                "parameters": glob, "dtype": self.dtype, "seed": seed}
+        if method == "linear":
+            data.pop("base_model")
+        if r.language_coefficients is not None:
+            data["language_coefficients"] = {lg: value(f"lang/{lg}", r.language_coefficients) for lg in self.languages()}
+        if r.objective_coefficients is not None:
+            data["objective_coefficients"] = {o: value(f"obj/{o}", r.objective_coefficients) for o in self.objective_tags()}
+        return Recipe.model_validate(data)
+
+    def baselines(self) -> list[dict[str, float]]:
+        """Enqueued first: the uniform average of all experts, then each expert alone at weight 1."""
+        dists = self.distributions()
+
+        def clamp(name: str, v: float) -> float:
+            d = dists[name]
+            return min(max(v, d.low), d.high)
+
+        def params(weights: dict[str, float]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name in dists:
+                if name == "method":
+                    out[name] = "task_arithmetic" if "task_arithmetic" in self.methods else self.methods[0]
+                elif name.startswith("weight/"):
+                    out[name] = clamp(name, weights[name.split("/")[1]])
+                else:
+                    out[name] = clamp(name, 1.0)
+            return out
+
+        keys = [m.key for m in self.models]
+        rows = [params(dict.fromkeys(keys, 1.0 / len(keys)))] if len(keys) > 1 else []
+        rows += [params({k: float(k == key) for k in keys}) for key in keys]
+        return rows
+
+    def fingerprint(self) -> str:
+        """What a run folder was made by: resuming with a different space is refused."""
+        import hashlib
+
+        data = self.model_dump(mode="json", by_alias=True, exclude={"search": {"n_trials", "timeout", "workers"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_space_path(ref: str) -> Path:
+    """A path, or a bare name looked up in search_spaces/."""
+    p = Path(ref)
+    if p.exists():
+        return p
+    for cand in (SPACES_DIR / ref, SPACES_DIR / f"{ref}.yaml"):
+        if cand.exists():
+            return cand
+    raise UserError(f"{ref}: search-space file not found (looked here and in {SPACES_DIR})")
+
+
+def load_space(ref: str) -> Space:
+    path = resolve_space_path(ref)
+    return parse_model(Space, load_yaml(path), str(path))

@@ -1,0 +1,126 @@
+"""The trial worker: holds the base, the task vectors, a resident model, the lm-eval wrapper and the
+loaded tasks; merges each candidate into the model's own buffers and evaluates it.
+
+A plain class, so it runs in-process (tests, one worker) and as a Ray actor (`ray.remote(TrialWorker)`)
+alike. Task vectors can arrive through Ray's object store as numpy arrays, which the actors of a node
+map from shared memory instead of each holding a copy."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._env import quiet_libraries
+
+
+def pack_tensors(base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Base and task vectors as numpy arrays, for one `ray.put` shared by every actor of a node."""
+    def np_of(t: torch.Tensor) -> np.ndarray:
+        return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+    return {"base": {k: np_of(v) for k, v in base.items()}, "taus": [{k: np_of(v) for k, v in t.items()} for t in taus],
+            "dtypes": {k: str(v.dtype) for k, v in base.items()}}
+
+
+def unpack_tensors(payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    def t_of(a: np.ndarray, dtype: str) -> torch.Tensor:
+        with warnings.catch_warnings():  # shared-memory arrays are read-only; merges never write to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if dtype == "torch.bfloat16" else t
+
+    dt = payload["dtypes"]
+    base = {k: t_of(v, dt[k]) for k, v in payload["base"].items()}
+    taus = [{k: t_of(v, dt[k]) for k, v in t.items()} for t in payload["taus"]]
+    return base, taus
+
+
+def load_resident(space, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Open and check the space's models; return (base checkpoint, ResidentMerger)."""
+    from .merge import ResidentMerger, open_models
+
+    recipe = space.recipe(space.baselines()[0] if space.distributions() else {}, 0)
+    base, experts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    dtype = torch.bfloat16 if space.dtype == "bfloat16" else torch.float32
+    return base, ResidentMerger(base, experts, dtype=dtype)
+
+
+class TrialWorker:
+    def __init__(self, space_data: dict, shared: Any = None, *, split: str = "validation", threads: int = 1,
+                 device: str | None = None, worker_id: int = 0):
+        quiet_libraries()
+        torch.set_num_threads(threads)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .evaluation.assets import resolve_assets
+        from .evaluation.evaluator import Evaluator
+        from .merge import ResidentMerger, open_models
+        from .space import Space
+
+        t0 = time.perf_counter()
+        self.worker_id = worker_id
+        self.space = Space.model_validate(space_data)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if shared is not None:
+            if isinstance(shared, list):  # [ObjectRef]: nested, so Ray hands the reference over unresolved
+                import ray
+
+                shared = ray.get(shared[0])
+            base_t, taus = unpack_tensors(shared)
+            recipe = self.space.recipe(self.space.baselines()[0], 0)
+            base_ck, _ = open_models(recipe)
+            if self.device != "cpu":
+                base_t = {k: v.to(self.device) for k, v in base_t.items()}
+                taus = [{k: v.to(self.device) for k, v in t.items()} for t in taus]
+            self.merger = ResidentMerger.from_tensors(base_t, taus, base_ck.num_layers)
+        else:
+            base_ck, self.merger = load_resident(self.space)
+        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=torch.float32, use_safetensors=True)
+        self.model.to(self.device).eval()
+        self.tok = AutoTokenizer.from_pretrained(base_ck.path)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device)
+        self.startup_s = time.perf_counter() - t0
+
+    def info(self) -> dict[str, Any]:
+        return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "startup_s": self.startup_s}
+
+    def run(self, params: dict[str, Any], seed: int, prune_below: float | None = None) -> dict[str, Any]:
+        """Merge the candidate and evaluate it. With multi-fidelity, the subset is scored first and the
+        candidate stops there when its combined score is below `prune_below`."""
+        from .evaluation.evaluator import MetricError
+        from .objectives import combined_score
+
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"worker": self.worker_id, "pid": os.getpid()}
+        recipe = self.space.recipe(params, seed)
+        self.merger.merge_into(self.model, recipe)
+        t1 = time.perf_counter()
+        out["merge_s"] = t1 - t0
+        try:
+            ev = self.evaluator
+            if ev.multi_fidelity:
+                first = ev.run("subset")
+                sub = ev.summarize(first)
+                sub["combined"] = combined_score(self.space, sub)
+                out["subset"] = sub
+                if prune_below is not None and sub["combined"] < prune_below:
+                    out.update(state="pruned", eval_s=time.perf_counter() - t1)
+                    return out
+                part = first + ev.run("rest")
+            else:
+                part = ev.run("full")
+            metrics = ev.summarize(part)
+        except MetricError as e:
+            out.update(state="fail", reason=str(e), eval_s=time.perf_counter() - t1)
+            return out
+        metrics["combined"] = combined_score(self.space, metrics)
+        out.update(state="complete", metrics=metrics, eval_s=time.perf_counter() - t1)
+        return out

