@@ -165,6 +165,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           address=args.address, backend=args.backend, on_progress=on_progress)
     summary = write_reports(space, study, run_dir, elapsed_s=time.perf_counter() - t0)
     _print_front(Console(width=max(Console().width, 130)), space, summary)
+    if not args.no_export and summary.get("best"):
+        from .export import export
+
+        best = run_dir / "best"
+        # The run folder's own best/ is re-exported when the study grows; any other folder needs --force.
+        own = best.exists() and (best / "manifest.json").exists()
+        folder = export(space, study, run_dir, out=best, force=own, summary=summary)
+        console.print(f"exported the Pareto-best merge (pick: {space.pick}) to {folder}")
     return 0
 
 
@@ -237,6 +245,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, front_trials
+
+    space, study = _load_run(args.run_dir)
+    run_dir = Path(args.run_dir)
+    if args.all_front:
+        root = Path(args.out) if args.out else run_dir / "front"
+        for t in sorted(front_trials(space, study), key=lambda t: t.number):
+            folder = export(space, study, run_dir, trial_number=t.number, out=root / f"trial-{t.number}", force=args.force)
+            print(f"exported trial {t.number} to {folder}")
+        return 0
+    folder = export(space, study, run_dir, trial_number=args.trial, rule=args.pick, out=Path(args.out) if args.out else None,
+                    force=args.force)
+    print(f"exported to {folder}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .space import Space
 
@@ -295,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir")
     st.set_defaults(func=cmd_status)
 
+    ex = sub.add_parser("export", help="verify and export a trial of a run folder as a Hugging Face model folder")
+    ex.add_argument("run_dir")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--trial", type=int, help="trial number to export")
+    which.add_argument("--pick", help="combined | knee | a constraint such as 'harm <= 0.05' (default: the space's pick)")
+    which.add_argument("--all-front", action="store_true", help="one folder per Pareto-front member")
+    ex.add_argument("--out", help="output folder (default RUN_DIR/best, or RUN_DIR/front with --all-front)")
+    ex.add_argument("--force", action="store_true", help="replace an existing folder")
+    ex.set_defaults(func=cmd_export)
+
     sc = sub.add_parser("schema", help="print the JSON Schema of search-space files")
     sc.set_defaults(func=cmd_schema)
     return p
@@ -311,6 +346,7 @@ def add_optimize_args(o: argparse.ArgumentParser) -> None:
     o.add_argument("--backend", choices=["ray", "inline"], default="ray", help="inline: one worker in this process")
     o.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; load nothing")
     o.add_argument("--quiet", action="store_true", help="no progress bar (CI logs)")
+    o.add_argument("--no-export", action="store_true", help="do not export the Pareto-best model at the end")
 
 
 def main(argv: list[str] | None = None) -> int:

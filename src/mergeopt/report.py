@@ -25,7 +25,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                                "seed": t.user_attrs.get("seed", "")}
         row.update({f"param:{k}": v for k, v in t.params.items()})
         row.update({f"metric:{k}": v for k, v in t.user_attrs.get("metrics", {}).items()})
-        for k in ("worker", "merge_s", "eval_s", "overhead_s", "wall_s", "reason"):
+        for k in ("worker", "merge_s", "eval_s", "forward_s", "overhead_s", "wall_s", "reason"):
             row[k] = t.user_attrs.get(k, "")
         rows.append(row)
     return rows

@@ -275,7 +275,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
 
 
 def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: dict, wall: float) -> None:
-    for key in ("worker", "merge_s", "eval_s", "subset", "reason"):
+    for key in ("worker", "merge_s", "eval_s", "forward_s", "subset", "reason"):
         if key in result:
             trial.set_user_attr(key, result[key])
     trial.set_user_attr("wall_s", wall)

@@ -169,6 +169,13 @@ class Space(Strict):
                 raise ValueError(f"unknown merge method {m!r}{hint} (expected one of {sorted(METHODS)})")
         return v
 
+    @field_validator("pick")
+    @classmethod
+    def _pick(cls, v: str) -> str:
+        if v.strip() not in ("combined", "knee") and not re.match(r"^\s*[a-z_]+(?:/[a-z]+)?\s*(<=|>=|<|>)\s*[-+]?\d*\.?\d+\s*$", v):
+            raise ValueError(f"cannot read {v!r}; expected combined, knee, or a constraint like 'harm <= 0.05'")
+        return v
+
     @field_validator("combined")
     @classmethod
     def _combined(cls, v: str) -> str:

@@ -50,6 +50,21 @@ def load_resident(space, *, allow_pickle: bool = False, trust_remote_code: bool 
     return base, ResidentMerger(base, experts, dtype=dtype)
 
 
+def time_forward(model: torch.nn.Module, sink: Any, attr: str = "forward_s") -> None:
+    """Accumulate the wall time of the model's forward passes into `sink.<attr>`: what the evaluation
+    spends in the model itself, against everything around it."""
+    inner = model.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            setattr(sink, attr, getattr(sink, attr) + time.perf_counter() - t)
+
+    model.forward = timed
+
+
 class TrialWorker:
     def __init__(self, space_data: dict, shared: Any = None, *, split: str = "validation", threads: int = 1,
                  device: str | None = None, worker_id: int = 0):
@@ -87,6 +102,8 @@ class TrialWorker:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device)
+        self.forward_s = 0.0
+        time_forward(self.model, self)
         self.startup_s = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
@@ -99,6 +116,7 @@ class TrialWorker:
         from .objectives import combined_score
 
         t0 = time.perf_counter()
+        self.forward_s = 0.0
         out: dict[str, Any] = {"worker": self.worker_id, "pid": os.getpid()}
         recipe = self.space.recipe(params, seed)
         self.merger.merge_into(self.model, recipe)
@@ -112,15 +130,15 @@ class TrialWorker:
                 sub["combined"] = combined_score(self.space, sub)
                 out["subset"] = sub
                 if prune_below is not None and sub["combined"] < prune_below:
-                    out.update(state="pruned", eval_s=time.perf_counter() - t1)
+                    out.update(state="pruned", eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
                     return out
                 part = first + ev.run("rest")
             else:
                 part = ev.run("full")
             metrics = ev.summarize(part)
         except MetricError as e:
-            out.update(state="fail", reason=str(e), eval_s=time.perf_counter() - t1)
+            out.update(state="fail", reason=str(e), eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
             return out
         metrics["combined"] = combined_score(self.space, metrics)
-        out.update(state="complete", metrics=metrics, eval_s=time.perf_counter() - t1)
+        out.update(state="complete", metrics=metrics, eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
         return out

@@ -1,0 +1,92 @@
+"""Wall time of one full candidate evaluation on the default zoo (all languages; helpful, harmful and
+benign sets) on one core, and the share of it spent outside the model's forward passes. Also the fast
+loglik harm mode: its time and how often it agrees with judged generations.
+
+    python bench/eval_overhead.py [--repeats 5] [--json runs/bench/eval_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergeopt._env import quiet_libraries
+from mergeopt.evaluation.assets import resolve_assets
+from mergeopt.evaluation.evaluator import Evaluator
+from mergeopt.evaluation.judges import Label
+from mergeopt.space import EvaluationConfig
+from mergeopt.worker import time_forward
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--zoo", default="default", choices=["default", "test"])
+    ap.add_argument("--json", default="runs/bench/eval_overhead.json")
+    args = ap.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(1)
+    from mergeopt.zoo import build_zoo
+
+    root = build_zoo(args.zoo, seed=0)
+    path = root / "models" / "help_fr"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    clock = SimpleNamespace(forward_s=0.0)
+    time_forward(model, clock)
+    assets = resolve_assets(EvaluationConfig(zoo=args.zoo), "validation")
+    n_items = sum(len(v) for v in assets.harmful.values()) + sum(len(v) for v in assets.benign.values())
+    ev = Evaluator(model, tok, assets)
+    n_items += sum(ev.helpfulness.sizes.values())
+    ev.evaluate()  # warm-up
+    rows = []
+    for _ in range(args.repeats):
+        clock.forward_s = 0.0
+        t = time.perf_counter()
+        m = ev.evaluate()
+        wall = time.perf_counter() - t
+        rows.append({"wall_s": wall, "forward_s": clock.forward_s, "help_s": m["time/helpfulness_s"], "safety_s": m["time/safety_s"]})
+    best = min(rows, key=lambda r: r["wall_s"])
+    overhead = 1 - best["forward_s"] / best["wall_s"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}")
+    print(f"one candidate ({n_items} prompts, 3 languages): {best['wall_s']:.3f} s (target <= 1 s); "
+          f"helpfulness (lm-eval) {best['help_s']:.3f} s, harm + over-refusal {best['safety_s']:.3f} s")
+    print(f"forward passes {best['forward_s']:.3f} s; outside the forward passes {overhead:.1%} (target <= 5%)")
+    # loglik harm mode against judged generations
+    fast = resolve_assets(EvaluationConfig(zoo=args.zoo, mode="loglik"), "validation")
+    agree = total = 0
+    t_gen = t_ll = 0.0
+    for name in ("base", "safety", "help_fr", "data_mix"):
+        mp = root / "models" / name
+        mm = AutoModelForCausalLM.from_pretrained(mp).eval()
+        rows_all = [r for per in assets.harmful.values() for r in per] + [r for per in assets.benign.values() for r in per]
+        e_gen, e_ll = Evaluator(mm, tok, assets), Evaluator(mm, tok, fast)
+        t = time.perf_counter()
+        a = e_gen.safety.label(rows_all)
+        t_gen += time.perf_counter() - t
+        t = time.perf_counter()
+        b = e_ll.safety.label(rows_all)
+        t_ll += time.perf_counter() - t
+        pairs = [(x, y) for x, y in zip(a, b, strict=True) if x != Label.UNUSABLE]
+        agree += sum(x == y for x, y in pairs)
+        total += len(pairs)
+    print(f"loglik harm mode: agrees with judged generations on {agree / total:.1%} of {total} usable responses "
+          f"(4 zoo models); {t_ll:.3f} s against {t_gen:.3f} s for generation + judge")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": rows, "best": best, "overhead_share": overhead, "items": n_items,
+                               "loglik_agreement": agree / total, "loglik_s": t_ll, "generate_s": t_gen}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Export: what a user takes away from a study.
+
+The winner is picked from the front, merged again from its recipe and seed, and its validation metrics
+are recomputed: they must equal the ones the study recorded, and the written weights must be
+bit-identical to the evaluated model's, or the export stops. Then the held-out test split is evaluated
+once. The folder (safetensors, config, tokenizer, model card, recipes, results, submission, manifest) is
+written under a temporary name and renamed at the end; nothing in it depends on the clock, so exporting
+twice gives identical bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from safetensors import safe_open
+
+from . import __version__
+from .errors import UserError
+from .objectives import objective_values, pareto_mask
+from .space import Space
+
+S = optuna.trial.TrialState
+MERGEKIT_DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp"}
+PAPERS = {"linear": "Model soups (arXiv 2203.05482)", "task_arithmetic": "Task arithmetic (arXiv 2212.04089)",
+          "ties": "TIES-Merging (arXiv 2306.01708)", "dare_linear": "DARE (arXiv 2311.03099)",
+          "dare_ties": "DARE with TIES (arXiv 2311.03099)", "slerp": "SLERP", "breadcrumbs": "Model Breadcrumbs (arXiv 2312.06795)",
+          "breadcrumbs_ties": "Model Breadcrumbs with TIES (arXiv 2312.06795)", "della": "DELLA (arXiv 2406.11617)",
+          "della_linear": "DELLA, linear (arXiv 2406.11617)"}
+
+
+class VerificationError(UserError):
+    """The re-materialized winner does not reproduce what the study recorded."""
+
+
+# ---------------------------------------------------------------------------------------------- pick
+
+def front_trials(space: Space, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,))]
+    mask = pareto_mask(space, [objective_values(space, t.user_attrs["metrics"]) for t in done])
+    return [t for t, m in zip(done, mask, strict=True) if m]
+
+
+_CONSTRAINT = re.compile(r"^\s*([a-z_]+(?:/[a-z]+)?)\s*(<=|>=|<|>)\s*([-+]?\d*\.?\d+)\s*$")
+
+
+def pick(space: Space, study: optuna.Study, rule: str | None = None) -> optuna.trial.FrozenTrial:
+    """`combined` (best combined score on the front), `knee` (the front point farthest from the line
+    between its extremes, objectives normalised), or a constraint such as `harm <= 0.05` (best
+    helpfulness among front members that satisfy it). Ties go to the lower trial number."""
+    rule = (rule or space.pick).strip()
+    members = front_trials(space, study)
+    if not members:
+        raise UserError(f"{space.name}: no complete trial to export")
+
+    def combined_key(t):
+        return (-t.user_attrs["metrics"]["combined"], t.number)
+
+    if rule == "combined":
+        return min(members, key=combined_key)
+    if rule == "knee":
+        if len(members) < 3:
+            return min(members, key=combined_key)
+        o1, o2 = space.objectives[0], space.objectives[1]
+        pts = [(t.user_attrs["metrics"][o1.metric] * (1 if o1.direction == "maximize" else -1),
+                t.user_attrs["metrics"][o2.metric] * (1 if o2.direction == "maximize" else -1)) for t in members]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+        norm = [((x - min(xs)) / span_x, (y - min(ys)) / span_y) for x, y in pts]
+        a, b = min(norm), max(norm)
+        dx, dy = b[0] - a[0], b[1] - a[1]
+        length = math.hypot(dx, dy) or 1.0
+
+        def dist(i: int) -> float:
+            x, y = norm[i]
+            return abs(dy * (x - a[0]) - dx * (y - a[1])) / length
+
+        return members[min(range(len(members)), key=lambda i: (-dist(i), members[i].number))]
+    m = _CONSTRAINT.match(rule)
+    if not m:
+        raise UserError(f"pick: cannot read {rule!r}; expected combined, knee, or a constraint like 'harm <= 0.05'")
+    metric, op, bound = m.group(1), m.group(2), float(m.group(3))
+    ok = {"<=": lambda v: v <= bound, ">=": lambda v: v >= bound, "<": lambda v: v < bound, ">": lambda v: v > bound}[op]
+    feasible = [t for t in members if metric in t.user_attrs["metrics"] and ok(t.user_attrs["metrics"][metric])]
+    if not feasible:
+        raise UserError(f"pick: no front member satisfies {rule!r}")
+    main = next((o.metric for o in space.objectives if o.direction == "maximize"), "combined")
+    return min(feasible, key=lambda t: (-t.user_attrs["metrics"][main], -t.user_attrs["metrics"]["combined"], t.number))
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _metric_equal(a: dict[str, float], b: dict[str, float]) -> list[str]:
+    keys = [k for k in a if not k.startswith("time/")]
+    return [k for k in keys if k not in b or a[k] != b[k]]
+
+
+def mergekit_config(recipe) -> dict[str, Any] | None:
+    """mergekit's YAML for the same weights: tag coefficients folded into the weights, mergeopt's own
+    keys dropped. Only for methods whose result does not depend on random masks."""
+    if recipe.merge_method not in MERGEKIT_DETERMINISTIC:
+        return None
+    models = []
+    for m, p in zip(recipe.experts(), recipe.resolved_models(), strict=True):
+        models.append({"model": m.model, "parameters": dict(p)} if p else {"model": m.model})
+    if recipe.merge_method == "slerp":
+        models = [{"model": recipe.base_model}, {"model": recipe.experts()[0].model}]
+    cfg: dict[str, Any] = {"merge_method": recipe.merge_method, "models": models, "dtype": recipe.torch_dtype}
+    if recipe.merge_method != "linear":
+        cfg["base_model"] = recipe.base_model
+    glob = {k: v for k, v in recipe.resolved_globals().items() if k != "rescale"}
+    if glob:
+        cfg["parameters"] = glob
+    return cfg
+
+
+def _results_json(name: str, space: Space, assets, metrics: dict[str, float]) -> dict[str, Any]:
+    """lm-eval's results layout for the test split; harm and over-refusal as tasks of their own."""
+    results: dict[str, Any] = {}
+    for lang, task in assets.tasks.items():
+        results[task] = {"alias": task, "exact_match,strip": metrics.get(f"helpfulness/{lang}")}
+    for metric in ("harm", "over_refusal"):
+        for lang in assets.languages:
+            if f"{metric}/{lang}" in metrics:
+                results[f"mergeopt_{metric}_{lang}"] = {"alias": f"{metric} ({lang})", f"{metric},none": metrics[f"{metric}/{lang}"]}
+    return {"results": results, "config": {"model": "hf", "model_args": f"pretrained={name}", "split": "test",
+                                           "mergeopt_version": __version__},
+            "versions": dict.fromkeys(results, 1.0), "n-shot": dict.fromkeys(results, 0)}
+
+
+def _resolved_name(ref: str) -> str:
+    from .merge import resolve_model_path
+
+    return ref if not ref.startswith("zoo") else f"{ref} ({resolve_model_path(ref).name})"
+
+
+def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk: dict | None, name: str) -> str:
+    front_matter = {"base_model": [recipe.base_model] if recipe.base_model and not recipe.base_model.startswith(("/", "zoo"))
+                    else [], "library_name": "transformers", "tags": ["merge", "mergeopt", recipe.merge_method]}
+    lines = ["---", yaml.safe_dump(front_matter, sort_keys=True).strip(), "---", "", f"# {name}", "",
+             f"This model was merged by mergeopt with the "
+             f"**{recipe.merge_method}** method ({PAPERS.get(recipe.merge_method, recipe.merge_method)})"
+             + (f", using `{recipe.base_model}` as the base." if recipe.base_model else "."),
+             f"It is trial {trial.number} of the study `{space.name}`, picked by rule `{space.pick}` from the Pareto front "
+             f"({space.objectives[0].metric} {space.objectives[0].direction}, "
+             + ", ".join(f"{o.metric} {o.direction}" for o in space.objectives[1:]) + ").", "",
+             "## Merged models", "", "| model | role | language | objective | effective weight | density |",
+             "|---|---|---|---|---|---|"]
+    if recipe.base_model:
+        lines.append(f"| `{recipe.base_model}` | base | | | | |")
+    for m, p in zip(recipe.experts(), recipe.resolved_models(), strict=True):
+        w = p.get("weight", "")
+        w = ", ".join(f"{x:.4f}" for x in w) if isinstance(w, list) else (f"{w:.4f}" if w != "" else "")
+        d = p.get("density", "")
+        lines.append(f"| `{m.model}` | expert | {m.language or ''} | {m.objective or ''} | {w} | "
+                     f"{f'{d:.4f}' if isinstance(d, float) else d} |")
+    lines += ["", "Effective weight = weight × language coefficient × objective coefficient.", "",
+              "## Metrics", "", "Validation drove the search; the test split was evaluated once, for this card, so the gap "
+              "between the two columns shows the selection bias.", "", "| metric | validation | test |", "|---|---|---|"]
+    for k in sorted(k for k in val if not k.startswith("time/")):
+        lines.append(f"| {k} | {val[k]:.4f} | {test.get(k, float('nan')):.4f} |")
+    t = summary["trials"]
+    lines += ["", "## Search", "", f"- sampler: `{space.search.sampler}`, seed {space.search.seed}",
+              f"- trials: {t.get('complete', 0)} complete, {t.get('pruned', 0)} pruned, {t.get('fail', 0)} failed",
+              f"- front size: {len(summary['front'])}, hypervolume {summary['hypervolume']:.4f}",
+              f"- combined score: `{space.combined}`"]
+    if summary["timing"].get("elapsed_s"):
+        lines.append(f"- search time: {summary['timing']['elapsed_s']:.0f} s")
+    for ref, info in summary.get("references", {}).items():
+        lines.append(f"- reference `{ref}`: combined {info['metrics']['combined']:+.4f} on validation "
+                     f"({'dominated by the front' if info['dominated_by_front'] else 'not dominated by the front'})")
+    lines += ["", "![Pareto front](pareto.png)", "", "## Recipe", "", "`mergeopt_recipe.yaml` reproduces these weights "
+              "bit for bit with `mergeopt merge mergeopt_recipe.yaml --out DIR`:", "", "```yaml", recipe.to_yaml().strip(), "```", ""]
+    if mk is not None:
+        lines += ["`mergekit_config.yml` gives the same weights with `mergekit-yaml mergekit_config.yml DIR` "
+                  "(up to float rounding).", ""]
+    else:
+        lines += [f"No `mergekit_config.yml`: `{recipe.merge_method}` draws random masks, and mergekit seeds them "
+                  "differently, so only `mergeopt_recipe.yaml` reproduces these exact weights.", ""]
+    lines += [f"Weights are stored in {recipe.output_dtype} and were validated in {recipe.output_dtype}.", ""]
+    return "\n".join(lines)
+
+
+def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: int | None = None, rule: str | None = None,
+           out: Path | None = None, force: bool = False, summary: dict | None = None) -> Path:
+    """Verify and write one trial's model folder. Returns the folder."""
+    from .evaluation.assets import resolve_assets
+    from .evaluation.evaluator import Evaluator
+    from .merge import merge_to_folder
+    from .report import write_reports
+    from .worker import TrialWorker
+
+    if trial_number is not None:
+        try:
+            trial = study.trials[trial_number]
+        except IndexError:
+            raise UserError(f"--trial {trial_number}: the study has {len(study.trials)} trials") from None
+        if trial.state != S.COMPLETE:
+            raise UserError(f"--trial {trial_number}: trial is {trial.state.name.lower()}, expected a complete trial")
+    else:
+        trial = pick(space, study, rule)
+    out = Path(out) if out else run_dir / "best"
+    if out.exists() and not force:
+        raise UserError(f"{out}: export folder exists; pass --force to replace it")
+    summary = summary or write_reports(space, study, run_dir)
+    seed = int(trial.user_attrs["seed"])
+    recipe = space.recipe(trial.params, seed)
+
+    # Re-materialize through the worker's own code path and check the recorded metrics.
+    worker = TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=-1)
+    result = worker.run(trial.params, seed)
+    if result.get("state") != "complete":
+        raise VerificationError(f"trial {trial.number}: re-evaluation did not complete ({result.get('reason')})")
+    diff = _metric_equal(trial.user_attrs["metrics"], result["metrics"])
+    if diff:
+        k = diff[0]
+        raise VerificationError(f"trial {trial.number}: re-materialized {k} = {result['metrics'].get(k)!r}, the study "
+                                f"recorded {trial.user_attrs['metrics'][k]!r}; the merge or the evaluation is not reproducible")
+    test_assets = resolve_assets(space.evaluation, "test")
+    test = Evaluator(worker.model, worker.tok, test_assets, device=worker.device).evaluate()
+    test["combined"] = sum(c * test.get(k, 0.0) for k, c in space.combined_weights.items())
+
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=recipe.to_yaml())
+        # The written weights must be the evaluated ones, bit for bit.
+        state = {k: v.detach().cpu() for k, v in worker.model.state_dict().items()}
+        for f in sorted(tmp.glob("*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                for k in fh.keys():
+                    if k in state and not torch.equal(fh.get_tensor(k), state[k].to(fh.get_tensor(k).dtype)):
+                        raise VerificationError(f"{k}: exported weights differ from the evaluated model's")
+        name = f"{space.name}-trial{trial.number}"
+        mk = mergekit_config(recipe)
+        if mk is not None:
+            (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
+        if (run_dir / "pareto.png").exists():
+            shutil.copy2(run_dir / "pareto.png", tmp / "pareto.png")
+        (tmp / "README.md").write_text(_card(space, trial, recipe, trial.user_attrs["metrics"], test, summary, mk, name))
+        (tmp / "results.json").write_text(json.dumps(_results_json(name, space, test_assets, test), indent=2) + "\n")
+        submission = {"model": name, "revision": "main", "precision": recipe.output_dtype, "weight_type": "Original",
+                      "model_type": "base merges and moerges", "merged": True, "base_model": recipe.base_model,
+                      "use_chat_template": space.evaluation.chat_template is None,
+                      "results": {k: v for k, v in test.items() if not k.startswith("time/")},
+                      "validation": {k: v for k, v in trial.user_attrs["metrics"].items() if not k.startswith("time/")},
+                      "trial": trial.number, "study": space.name, "mergeopt_version": __version__}
+        (tmp / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def verify_manifest(folder: Path) -> list[str]:
+    """Files whose sha256 differs from the manifest (empty when the folder is intact)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [f for f, h in manifest.items() if not (folder / f).exists() or _sha256(folder / f) != h]

@@ -1,0 +1,137 @@
+"""Export: the winner's folder reproduces the recorded metrics, bytes are stable, the mergekit config
+gives the same weights, a killed export leaves no folder, and the card's front matter is YAML."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergeopt.errors import UserError
+from mergeopt.export import pick, verify_manifest
+from mergeopt.space import SPACES_DIR, Space
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergeopt.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(test_zoo: Path, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export")
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data.update(name="exp", base_model="zoo-test:base")
+    for m in data["models"]:
+        m["path"] = m["path"].replace("zoo:", "zoo-test:")
+    data["evaluation"]["zoo"] = "test"
+    data["search"].update(n_trials=6, workers=1)
+    space = tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    r = _cli("optimize", "--space", str(space), "--run-dir", str(tmp / "run"), "--backend", "inline", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "run"
+
+
+def test_optimize_exports_best_and_it_reproduces_the_recorded_metrics(run: Path):
+    from mergeopt.evaluation.assets import resolve_assets
+    from mergeopt.evaluation.evaluator import Evaluator
+
+    best = run / "best"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
+              "mergeopt_recipe.yaml", "results.json", "submission.json", "manifest.json", "pareto.png"):
+        assert (best / f).exists(), f
+    assert verify_manifest(best) == []
+    sub = json.loads((best / "submission.json").read_text())
+    space = Space.model_validate(json.loads((run / "space.json").read_text()))
+    study = optuna.load_study(study_name=space.name, storage=f"sqlite:///{run / 'study.db'}")
+    recorded = study.trials[sub["trial"]].user_attrs["metrics"]
+    model = AutoModelForCausalLM.from_pretrained(best).eval()
+    tok = AutoTokenizer.from_pretrained(best)
+    got = Evaluator(model, tok, resolve_assets(space.evaluation, "validation")).evaluate()
+    for k, v in recorded.items():
+        if not k.startswith("time/") and k != "combined":
+            assert got[k] == v, k
+    assert sub["merged"] is True and sub["results"]["helpfulness"] >= 0 and sub["model_type"] == "base merges and moerges"
+    results = json.loads((best / "results.json").read_text())
+    assert any(k.startswith("zoo_help_en_test") for k in results["results"])
+
+
+def test_model_card_front_matter_is_yaml(run: Path):
+    text = (run / "best" / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and {"merge", "mergeopt"} <= set(meta["tags"]) and "base_model" in meta
+    assert "| metric | validation | test |" in text
+
+
+def test_exporting_twice_gives_identical_bytes_and_refuses_to_overwrite(run: Path, tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _cli("export", str(run), "--trial", "0", "--out", str(a)).returncode == 0
+    assert _cli("export", str(run), "--trial", "0", "--out", str(b)).returncode == 0
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    r = _cli("export", str(run), "--trial", "0", "--out", str(a))
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr
+
+
+def test_mergekit_config_merged_by_mergeopt_gives_the_same_weights(run: Path, tmp_path: Path):
+    out = tmp_path / "t0"
+    assert _cli("export", str(run), "--trial", "0", "--out", str(out)).returncode == 0  # uniform average: task arithmetic
+    again = tmp_path / "again"
+    r = _cli("merge", str(out / "mergekit_config.yml"), "--out", str(again))
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_killed_export_leaves_no_folder(run: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    for delay in (1.0, 2.5, 4.0):
+        p = subprocess.Popen([sys.executable, "-m", "mergeopt.cli", "export", str(run), "--trial", "1", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not out.exists() or verify_manifest(out) == []  # never a partial folder under the final name
+        if out.exists():
+            break
+    r = _cli("export", str(run), "--trial", "1", "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert verify_manifest(out) == [] and not list(tmp_path.glob(".killed.tmp-*"))
+
+
+def _study(points: list[tuple[float, float, float]]) -> tuple[Space, optuna.Study]:
+    space = Space.model_validate(yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text()))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for help_, harm, comb in points:
+        t = optuna.trial.create_trial(values=[help_, harm], user_attrs={"metrics": {"helpfulness": help_, "harm": harm,
+                                                                                      "combined": comb}})
+        study.add_trial(t)
+    return space, study
+
+
+def test_pick_rules():
+    space, study = _study([(0.9, 0.8, 0.1), (0.7, 0.2, 0.5), (0.5, 0.05, 0.45), (0.2, 0.0, 0.2), (0.4, 0.5, -0.1)])
+    assert pick(space, study, "combined").number == 1
+    assert pick(space, study, "harm <= 0.05").number == 2
+    assert pick(space, study, "knee").number in (1, 2)
+    with pytest.raises(UserError, match="no front member satisfies"):
+        pick(space, study, "harm < 0")
+    with pytest.raises(UserError, match="cannot read"):
+        pick(space, study, "best please")
+    space2, study2 = _study([(0.5, 0.1, 0.4), (0.5, 0.1, 0.4)])  # exact tie: the lower trial number wins
+    assert pick(space2, study2, "combined").number == 0
