@@ -23,6 +23,7 @@ from .space import Space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SEED_STRIDE = 1_000_003  # trial seed = study seed * stride + trial number: distinct, reproducible masks
+MAX_RETRIES = 2  # a trial whose worker died is retried this many times, with the same seed
 
 
 def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
@@ -98,8 +99,10 @@ def recover_interrupted(study: optuna.Study) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: the driver stopped before the trial ended")
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "baseline"})
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k in ("baseline", "seed")})
         n += 1
     return n
 
@@ -168,6 +171,11 @@ class InlinePool:
         key = next(iter(pending))
         return key, self.results.pop(key)
 
+    def probe(self, slot: int) -> Any:
+        token = -1 - len(self.results)
+        self.results[token] = {"worker": slot}
+        return token
+
     def close(self) -> None:
         pass
 
@@ -222,20 +230,68 @@ class RayPool:
     def submit(self, slot: int, params: dict, seed: int, prune_below: float | None) -> Any:
         return self.workers[slot].run.remote(params, seed, prune_below)
 
+    def probe(self, slot: int) -> Any:
+        """A call that answers once the slot's actor is back (Ray restarts a dead actor)."""
+        return self.workers[slot].info.remote()
+
     def wait(self, pending: dict) -> tuple[Any, dict]:
         ready, _ = self.ray.wait(list(pending), num_returns=1)
         try:
             return ready[0], self.ray.get(ready[0])
         except self.ray.exceptions.RayActorError as e:
-            return ready[0], {"state": "fail", "reason": f"worker died: {type(e).__name__}"}
+            cause = "out of memory" if "OutOfMemory" in type(e).__name__ or "memory" in str(e).lower()[:400] else "killed"
+            return ready[0], {"state": "fail", "worker_died": True, "reason": f"worker died ({cause}: {type(e).__name__})"}
 
     def close(self) -> None:
         for w in self.workers:
             self.ray.kill(w)
 
 
+def memory_plan(space: Space, workers: int) -> dict[str, float]:
+    """Bytes a study needs on this node: the base and task vectors once (shared through the object
+    store, plus the driver's copy while it puts them there), and per worker a model, its activations
+    and the libraries' own footprint."""
+    from .checkpoints import Checkpoint
+    from .merge import resolve_model_path
+
+    ck = Checkpoint(resolve_model_path(space.base_model))
+    elem = 2 if space.dtype == "bfloat16" else 4
+    params = sum(math.prod(ck.shape(n)) for n in ck.names)
+    shared = params * elem * (1 + len(space.models))
+    per_worker = params * 4 * 1.25 + 600 * 2**20  # fp32 model, activations, runtime (torch, lm-eval)
+    return {"params": params, "shared_bytes": shared, "driver_bytes": shared, "per_worker_bytes": per_worker,
+            "total_bytes": 2 * shared + workers * per_worker}
+
+
+def check_memory(space: Space, workers: int, gpus: bool) -> None:
+    """Refuse to start a study that would not fit, instead of being killed hours later."""
+    import psutil
+
+    plan = memory_plan(space, workers)
+    gib = 2**30
+    avail = psutil.virtual_memory().available
+    if plan["total_bytes"] > 0.9 * avail:
+        fit = max(0, int((0.9 * avail - 2 * plan["shared_bytes"]) // plan["per_worker_bytes"]))
+        raise UserError(f"{space.name}: {workers} worker(s) need about {plan['total_bytes'] / gib:.1f} GiB of RAM "
+                        f"({plan['shared_bytes'] / gib:.1f} GiB base and task vectors, {plan['per_worker_bytes'] / gib:.1f} GiB "
+                        f"per worker) but {avail / gib:.1f} GiB is free; use --workers {fit}" +
+                        ("" if space.dtype == "bfloat16" else " or dtype: bfloat16"))
+    if gpus:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        need = plan["shared_bytes"] + plan["per_worker_bytes"]
+        if need > 0.9 * free:
+            raise UserError(f"{space.name}: one worker needs about {need / gib:.1f} GiB of GPU memory but "
+                            f"{free / gib:.1f} GiB is free; use dtype: bfloat16 or a GPU with more memory")
+
+
 def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, address: str | None = None,
               backend: str = "ray", on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:
+    if address is None:
+        import torch
+
+        check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available())
     study = open_study(space, run_dir)
     recover_interrupted(study)
     (run_dir / "space.json").write_text(json.dumps(space.model_dump(mode="json", by_alias=True), indent=2))
@@ -248,14 +304,15 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
         return study
     deadline = time.perf_counter() + space.search.timeout if space.search.timeout else math.inf
     pool = InlinePool(space, workers) if backend == "inline" else RayPool(space, min(workers, n_trials - prog.done), address)
-    pending: dict[Any, tuple[optuna.trial.Trial, int, float]] = {}
+    pending: dict[Any, tuple[optuna.trial.Trial | None, int, float]] = {}  # trial None: a probe of a dead worker
     free = list(range(pool.size))
+    probes: dict[int, int] = {}  # slot -> probes tried since its worker died
     try:
         while True:
             while free and prog.done + len(pending) < n_trials and time.perf_counter() < deadline:
                 trial = study.ask(space.distributions())
                 slot = free.pop(0)
-                seed = space.search.seed * SEED_STRIDE + trial.number
+                seed = int(trial.user_attrs.get("seed", space.search.seed * SEED_STRIDE + trial.number))
                 trial.set_user_attr("seed", seed)
                 t_sub = time.perf_counter()
                 pending[pool.submit(slot, trial.params, seed, prune_threshold(space, study))] = (trial, slot, t_sub)
@@ -263,8 +320,20 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
                 break
             k, result = pool.wait(pending)
             trial, slot, t_sub = pending.pop(k)
+            if trial is None:  # a probe: the slot is usable again once its restarted actor answers
+                if result.get("worker_died") and probes.get(slot, 0) < 30:
+                    probes[slot] = probes.get(slot, 0) + 1
+                    time.sleep(1.0)
+                    pending[pool.probe(slot)] = (None, slot, time.perf_counter())
+                elif not result.get("worker_died"):
+                    probes.pop(slot, None)
+                    free.append(slot)
+                continue  # a worker that never comes back is dropped; the others go on
             _tell(space, study, trial, result, time.perf_counter() - t_sub)
-            free.append(slot)
+            if result.get("worker_died"):
+                pending[pool.probe(slot)] = (None, slot, time.perf_counter())
+            else:
+                free.append(slot)
             prog.done = len(finished(study))
             prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
             if on_progress:
@@ -290,4 +359,12 @@ def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: 
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
         trial.set_user_attr("reason", result.get("reason", "unknown failure"))
+        if result.get("worker_died"):
+            retries = int(trial.user_attrs.get("retries", 0))
+            if retries < MAX_RETRIES:  # not counted: its parameters run again, same seed, on a restarted worker
+                trial.set_user_attr("interrupted", True)
+                keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
+                study.enqueue_trial(trial.params, user_attrs={**keep, "retries": retries + 1})
+            else:
+                trial.set_user_attr("reason", f"{result.get('reason')}; gave up after {MAX_RETRIES} retries")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
