@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeopt.evaluation.assets import resolve_assets
@@ -156,8 +155,7 @@ def test_bad_evaluation_input_exits_2_with_one_line(test_zoo: Path, tmp_path: Pa
          "evaluation.judge.model: " + str(tmp_path / "no-judge") + " not found"),
     ]
     for evaluation, fragment in cases:
-        r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "eval", model, "--space", str(_space(tmp_path, evaluation))],
-                           capture_output=True, text=True, timeout=120)
+        r = run_cli("eval", model, "--space", str(_space(tmp_path, evaluation)))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, r.stderr
         assert len(lines) == 1 and fragment in lines[0], r.stderr

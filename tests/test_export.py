@@ -14,6 +14,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,8 +23,8 @@ from mergeopt.export import pick, verify_manifest
 from mergeopt.space import SPACES_DIR, Space
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergeopt.cli", *args], capture_output=True, text=True, timeout=timeout)
+def _cli(*args: str):
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -168,7 +169,7 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(test_zoo: Path, tmp_
         path = tmp_path / f"{case}.yaml"
         path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
         out = tmp_path / f"out-{case}"
-        r = _cli("merge", str(path), "--out", str(out))
+        r = run_cli("merge", str(path), "--out", str(out))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, (case, r.stderr)
         assert len(lines) == 1 and fragment in lines[0], (case, r.stderr)
@@ -185,5 +186,5 @@ def test_pickle_allowed_with_flag(test_zoo: Path, tmp_path: Path):
     r = _recipe("ties", test_zoo)
     r["models"][0]["model"] = str(pickle)
     path = _write(tmp_path, r)
-    res = _cli("merge", str(path), "--out", str(tmp_path / "o"), "--allow-pickle")
+    res = run_cli("merge", str(path), "--out", str(tmp_path / "o"), "--allow-pickle")
     assert res.returncode == 0, res.stderr

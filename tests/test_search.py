@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 from mergeopt.space import SPACES_DIR
 
@@ -56,9 +57,9 @@ def test_short_study_with_two_ray_workers_writes_every_file(test_zoo: Path, tmp_
     baselines = [row["baseline"] for row in csv.DictReader(open(run / "trials.csv")) if row["baseline"]]
     assert baselines[:2] == ["uniform average", "help_en alone"]
     assert "data_mix" in summary["references"]
-    status = subprocess.run([sys.executable, "-m", "mergeopt.cli", "status", str(run)], capture_output=True, text=True)
+    status = run_cli("status", str(run))
     assert status.returncode == 0 and "6/6 trials finished" in status.stdout
-    pareto = subprocess.run([sys.executable, "-m", "mergeopt.cli", "pareto", str(run), "--json"], capture_output=True, text=True)
+    pareto = run_cli("pareto", str(run), "--json")
     assert pareto.returncode == 0 and json.loads(pareto.stdout)
 
 
@@ -86,16 +87,14 @@ def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_template_passes_dry_run(path: Path, tmp_path: Path):
-    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(path), "--dry-run",
-                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    r = run_cli("optimize", "--space", str(path), "--dry-run", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert "search space" in r.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
 def test_bare_space_name_is_looked_up_in_search_spaces():
-    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", "safety_multilingual", "--dry-run"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("optimize", "--space", "safety_multilingual", "--dry-run")
     assert r.returncode == 0, r.stderr
 
 
@@ -118,14 +117,13 @@ def test_space_errors_name_the_key_path(edit, fragment, tmp_path: Path):
     edit(data)
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(data))
-    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(p), "--dry-run"],
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("optimize", "--space", str(p), "--dry-run")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert str(p) in lines[0] and fragment in lines[0], lines[0]
 
 
 def test_schema_is_json_schema():
-    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "schema"], capture_output=True, text=True, timeout=60)
+    r = run_cli("schema")
     schema = json.loads(r.stdout)
     assert schema["type"] == "object" and {"name", "base_model", "models"} <= set(schema["properties"])
