@@ -11,6 +11,25 @@ import math
 from ..errors import UserError
 
 
+def _cache_lm_eval_templates() -> None:
+    """lm-eval compiles a task's Jinja templates afresh for every document on every `evaluate` call;
+    a search scores the same documents hundreds of times, so compiled templates are kept by their
+    source text. Rendering, and so every prompt and target, is unchanged."""
+    import functools
+
+    import lm_eval.utils as u
+
+    if getattr(u.apply_template, "_mergeopt_cached", False):
+        return
+    compiled = functools.lru_cache(maxsize=4096)(u.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+
+    apply_template._mergeopt_cached = True  # type: ignore[attr-defined]
+    u.apply_template = apply_template
+
+
 class LmEvalHelpfulness:
     """Scores each language's task by its primary metric, turned so that higher is better: a metric whose
     `higher_is_better` is false counts as 1 - value when it lies in [0, 1], else as -value."""
@@ -22,6 +41,7 @@ class LmEvalHelpfulness:
 
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        _cache_lm_eval_templates()
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
                        add_bos_token=False)
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
