@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from safetensors import safe_open
 
 from . import __version__
+from .atomic import atomic_folder
 from .errors import UserError
 from .objectives import objective_values, pareto_mask
 from .space import Space
@@ -236,12 +236,7 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
     test = Evaluator(worker.model, worker.tok, test_assets, device=worker.device).evaluate()
     test["combined"] = sum(c * test.get(k, 0.0) for k, c in space.combined_weights.items())
 
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{out.name}.tmp-*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_folder(out) as tmp:
         merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=recipe.to_yaml())
         # The written weights must be the evaluated ones, bit for bit.
         state = {k: v.detach().cpu() for k, v in worker.model.state_dict().items()}
@@ -268,12 +263,6 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_folder
 from .checkpoints import Checkpoint, check_compatible
 from .errors import CheckpointError, UserError
 from .methods import TensorContext, get_method, resolve_value
@@ -142,10 +143,7 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, force: bool = False, max
     compute = TORCH_DTYPES[recipe.torch_dtype]
     out_dtype = TORCH_DTYPES[recipe.output_dtype]
     models, params = recipe.resolved_models(), recipe.resolved_globals()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         shards: list[dict[str, str]] = []
         current: dict[str, torch.Tensor] = {}
         size = 0
@@ -187,12 +185,6 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, force: bool = False, max
             if (base.path / f).exists():
                 shutil.copy2(base.path / f, tmp / f)
         (tmp / "mergeopt_recipe.yaml").write_text(recipe_text if recipe_text is not None else recipe.to_yaml())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

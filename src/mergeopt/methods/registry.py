@@ -61,25 +61,20 @@ class MethodSpec:
     mergekit_name: str | None = field(default=None)
 
     def resolve_globals(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = set(given) - set(self.global_params)
-        if unknown:
-            raise KeyError(f"unknown parameter {sorted(unknown)[0]!r} for method {self.name!r}; "
-                           f"expected one of {sorted(self.global_params)}")
-        out = {k: given.get(k, v) for k, v in self.global_params.items()}
-        missing = [k for k, v in out.items() if v is REQUIRED]
-        if missing:
-            raise KeyError(f"method {self.name!r} needs parameter {missing[0]!r}")
-        return out
+        return self._resolve(given, self.global_params, "parameter")
 
     def resolve_model(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = set(given) - set(self.model_params)
+        return self._resolve(given, self.model_params, "per-model parameter")
+
+    def _resolve(self, given: Mapping[str, Any], defaults: Mapping[str, Any], what: str) -> dict[str, Any]:
+        """Defaults filled in; unknown or missing required parameters raise KeyError with the message."""
+        unknown = set(given) - set(defaults)
         if unknown:
-            raise KeyError(f"unknown per-model parameter {sorted(unknown)[0]!r} for method {self.name!r}; "
-                           f"expected one of {sorted(self.model_params)}")
-        out = {k: given.get(k, v) for k, v in self.model_params.items()}
+            raise KeyError(f"unknown {what} {sorted(unknown)[0]!r} for method {self.name!r}; expected one of {sorted(defaults)}")
+        out = {k: given.get(k, v) for k, v in defaults.items()}
         missing = [k for k, v in out.items() if v is REQUIRED]
         if missing:
-            raise KeyError(f"method {self.name!r} needs per-model parameter {missing[0]!r}")
+            raise KeyError(f"method {self.name!r} needs {what} {missing[0]!r}")
         return out
 
 
