@@ -162,7 +162,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                        front=p.front_size, hv=f"{p.hypervolume:.3f}")
 
         study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
-                          address=args.address, backend=args.backend, on_progress=on_progress)
+                          address=args.address, backend=args.backend, on_progress=on_progress,
+                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     summary = write_reports(space, study, run_dir, elapsed_s=time.perf_counter() - t0)
     _print_front(Console(width=max(Console().width, 130)), space, summary)
     if not args.no_export and summary.get("best"):
@@ -171,7 +172,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         best = run_dir / "best"
         # The run folder's own best/ is re-exported when the study grows; any other folder needs --force.
         own = best.exists() and (best / "manifest.json").exists()
-        folder = export(space, study, run_dir, out=best, force=own, summary=summary)
+        folder = export(space, study, run_dir, out=best, force=own, summary=summary, allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
         console.print(f"exported the Pareto-best merge (pick: {space.pick}) to {folder}")
     return 0
 
@@ -253,11 +255,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.all_front:
         root = Path(args.out) if args.out else run_dir / "front"
         for t in sorted(front_trials(space, study), key=lambda t: t.number):
-            folder = export(space, study, run_dir, trial_number=t.number, out=root / f"trial-{t.number}", force=args.force)
+            folder = export(space, study, run_dir, trial_number=t.number, out=root / f"trial-{t.number}", force=args.force,
+                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
             print(f"exported trial {t.number} to {folder}")
         return 0
     folder = export(space, study, run_dir, trial_number=args.trial, rule=args.pick, out=Path(args.out) if args.out else None,
-                    force=args.force)
+                    force=args.force, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     print(f"exported to {folder}")
     return 0
 
@@ -328,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-front", action="store_true", help="one folder per Pareto-front member")
     ex.add_argument("--out", help="output folder (default RUN_DIR/best, or RUN_DIR/front with --all-front)")
     ex.add_argument("--force", action="store_true", help="replace an existing folder")
+    ex.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
+    ex.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
     ex.set_defaults(func=cmd_export)
 
     sc = sub.add_parser("schema", help="print the JSON Schema of search-space files")
@@ -347,6 +352,8 @@ def add_optimize_args(o: argparse.ArgumentParser) -> None:
     o.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; load nothing")
     o.add_argument("--quiet", action="store_true", help="no progress bar (CI logs)")
     o.add_argument("--no-export", action="store_true", help="do not export the Pareto-best model at the end")
+    o.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
+    o.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,7 +198,8 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
 
 
 def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: int | None = None, rule: str | None = None,
-           out: Path | None = None, force: bool = False, summary: dict | None = None) -> Path:
+           out: Path | None = None, force: bool = False, summary: dict | None = None, allow_pickle: bool = False,
+           trust_remote_code: bool = False) -> Path:
     """Verify and write one trial's model folder. Returns the folder."""
     from .evaluation.assets import resolve_assets
     from .evaluation.evaluator import Evaluator
@@ -223,7 +224,8 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
     recipe = space.recipe(trial.params, seed)
 
     # Re-materialize through the worker's own code path and check the recorded metrics.
-    worker = TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=-1)
+    worker = TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=-1, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
     result = worker.run(trial.params, seed)
     if result.get("state") != "complete":
         raise VerificationError(f"trial {trial.number}: re-evaluation did not complete ({result.get('reason')})")
@@ -237,7 +239,8 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
     test["combined"] = sum(c * test.get(k, 0.0) for k, c in space.combined_weights.items())
 
     with atomic_folder(out) as tmp:
-        merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=recipe.to_yaml())
+        merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=recipe.to_yaml(),
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         # The written weights must be the evaluated ones, bit for bit.
         state = {k: v.detach().cpu() for k, v in worker.model.state_dict().items()}
         for f in sorted(tmp.glob("*.safetensors")):

@@ -61,6 +61,34 @@ def directions(space: Space) -> list[str]:
     return [o.direction for o in space.objectives]
 
 
+def check_resumable(space: Space, run_dir: Path) -> None:
+    """Refuse, before anything is loaded or written, a run folder that a different space file made."""
+    if space.storage is None and (run_dir / "study.db").exists():
+        open_study(space, run_dir)
+
+
+def preflight(space: Space) -> None:
+    """What can be checked in the driver before any worker starts or any file is written: the
+    evaluation's prompt files, judge model folder and lm-eval task names."""
+    from .evaluation.assets import resolve_assets
+
+    assets = resolve_assets(space.evaluation, "validation")
+    judge = assets.judge
+    if judge.kind != "refusal_markers" and (not judge.model or not Path(judge.model).is_dir()):
+        raise UserError(f"evaluation.judge.model: {judge.model} not found; expected a local model folder for {judge.kind!r}")
+    if assets.include_path and assets.tasks:
+        import difflib
+
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager(include_path=assets.include_path, include_defaults=False).all_tasks)
+        for lang, task in assets.tasks.items():
+            if task not in known:
+                close = difflib.get_close_matches(task, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")
+
+
 def open_study(space: Space, run_dir: Path, *, resume_ok: bool = True) -> optuna.Study:
     """Create the study, or load it from the run folder's storage to resume. A run folder made by a
     different space file is refused."""
@@ -152,10 +180,10 @@ def prune_threshold(space: Space, study: optuna.Study) -> float | None:
 class InlinePool:
     """Workers in this process, one after another: tests, debugging, one worker without Ray."""
 
-    def __init__(self, space: Space, workers: int):
+    def __init__(self, space: Space, workers: int, **load: bool):
         from .worker import TrialWorker
 
-        self.workers = [TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=0)]
+        self.workers = [TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=0, **load)]
         self.results: dict[int, dict] = {}
 
     @property
@@ -184,7 +212,7 @@ class RayPool:
     """One Ray actor per worker (a GPU each when the node has GPUs, else one CPU and one torch thread);
     the base and task vectors go into the object store once and are shared by the actors of a node."""
 
-    def __init__(self, space: Space, workers: int, address: str | None):
+    def __init__(self, space: Space, workers: int, address: str | None, **load: bool):
         import os
 
         import ray
@@ -214,13 +242,13 @@ class RayPool:
         gpus = space.search.gpus_per_worker
         if gpus is None:
             gpus = 1 if (ray.cluster_resources().get("GPU", 0) or torch.cuda.is_available()) else 0
-        _, merger = load_resident(space)
+        _, merger = load_resident(space, **load)
         shared = ray.put(pack_tensors(merger.base, merger.taus))
         del merger
         actor = ray.remote(num_cpus=space.search.cpus_per_worker, num_gpus=gpus, max_restarts=2,
                            max_task_retries=0)(TrialWorker)
         data = space.model_dump(mode="json", by_alias=True)
-        self.workers = [actor.remote(data, [shared], worker_id=i, threads=1) for i in range(workers)]
+        self.workers = [actor.remote(data, [shared], worker_id=i, threads=1, **load) for i in range(workers)]
         ray.get([w.info.remote() for w in self.workers])  # start-up errors surface here
 
     @property
@@ -247,14 +275,14 @@ class RayPool:
             self.ray.kill(w)
 
 
-def memory_plan(space: Space, workers: int) -> dict[str, float]:
+def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     """Bytes a study needs on this node: the base and task vectors once (shared through the object
     store, plus the driver's copy while it puts them there), and per worker a model, its activations
     and the libraries' own footprint."""
     from .checkpoints import Checkpoint
     from .merge import resolve_model_path
 
-    ck = Checkpoint(resolve_model_path(space.base_model))
+    ck = Checkpoint(resolve_model_path(space.base_model), **load)
     elem = 2 if space.dtype == "bfloat16" else 4
     params = sum(math.prod(ck.shape(n)) for n in ck.names)
     shared = params * elem * (1 + len(space.models))
@@ -263,11 +291,11 @@ def memory_plan(space: Space, workers: int) -> dict[str, float]:
             "total_bytes": 2 * shared + workers * per_worker}
 
 
-def check_memory(space: Space, workers: int, gpus: bool) -> None:
+def check_memory(space: Space, workers: int, gpus: bool, **load: bool) -> None:
     """Refuse to start a study that would not fit, instead of being killed hours later."""
     import psutil
 
-    plan = memory_plan(space, workers)
+    plan = memory_plan(space, workers, **load)
     gib = 2**30
     avail = psutil.virtual_memory().available
     if plan["total_bytes"] > 0.9 * avail:
@@ -287,11 +315,25 @@ def check_memory(space: Space, workers: int, gpus: bool) -> None:
 
 
 def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, address: str | None = None,
-              backend: str = "ray", on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:
+              backend: str = "ray", on_progress: Callable[[Progress], None] | None = None,
+              allow_pickle: bool = False, trust_remote_code: bool = False) -> optuna.Study:
+    """Run (or resume) the study. Everything that can be refused is checked before anything is
+    written: memory, the run folder's origin, the evaluation assets, and every model's tensors (loaded
+    by the pool)."""
+    load = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     if address is None:
         import torch
 
-        check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available())
+        check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available(), **load)
+    check_resumable(space, run_dir)
+    preflight(space)
+    done_before = 0
+    if (run_dir / "study.db").exists() and space.storage is None:
+        done_before = len(finished(open_study(space, run_dir)))
+    pool = None
+    if done_before < n_trials:
+        pool = InlinePool(space, workers, **load) if backend == "inline" else \
+            RayPool(space, min(workers, n_trials - done_before), address, **load)
     study = open_study(space, run_dir)
     recover_interrupted(study)
     (run_dir / "space.json").write_text(json.dumps(space.model_dump(mode="json", by_alias=True), indent=2))
@@ -300,10 +342,11 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
     if on_progress:
         on_progress(prog)
-    if prog.done >= n_trials:
+    if prog.done >= n_trials or pool is None:
+        if pool is not None:
+            pool.close()
         return study
     deadline = time.perf_counter() + space.search.timeout if space.search.timeout else math.inf
-    pool = InlinePool(space, workers) if backend == "inline" else RayPool(space, min(workers, n_trials - prog.done), address)
     pending: dict[Any, tuple[optuna.trial.Trial | None, int, float]] = {}  # trial None: a probe of a dead worker
     free = list(range(pool.size))
     probes: dict[int, int] = {}  # slot -> probes tried since its worker died

@@ -4,6 +4,7 @@ expected, with a did-you-mean for misspelled keys."""
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,21 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {})) if current is not None else []
 
 
+_UNION_TAG = re.compile(r"^(float|int|str|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*|function-\w+\[.*\]|literal\[.*\])$")
+
+
+def _pick_error(errors: list[dict]) -> dict:
+    """For a value that fits no member of a union (`1.0` or `{low, high}`), the member it was meant
+    for is the one whose error is not a plain type mismatch."""
+    first_loc = [p for p in errors[0]["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
+    same = [e for e in errors if [p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))] [:len(first_loc)] == first_loc]
+    meaningful = [e for e in same if not e["type"].endswith(("_type", "_parsing"))]
+    return (meaningful or errors)[0]
+
+
 def format_validation_error(source: str, model: type[BaseModel], err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = tuple(e["loc"])
+    e = _pick_error(err.errors())
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     where = key_path(loc)
     if e["type"] == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1])

@@ -67,7 +67,8 @@ def time_forward(model: torch.nn.Module, sink: Any, attr: str = "forward_s") -> 
 
 class TrialWorker:
     def __init__(self, space_data: dict, shared: Any = None, *, split: str = "validation", threads: int = 1,
-                 device: str | None = None, worker_id: int = 0):
+                 device: str | None = None, worker_id: int = 0, allow_pickle: bool = False,
+                 trust_remote_code: bool = False):
         quiet_libraries()
         torch.set_num_threads(threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,16 +89,18 @@ class TrialWorker:
                 shared = ray.get(shared[0])
             base_t, taus = unpack_tensors(shared)
             recipe = self.space.recipe(self.space.baselines()[0], 0)
-            base_ck, _ = open_models(recipe)
+            base_ck, _ = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
             if self.device != "cpu":
                 base_t = {k: v.to(self.device) for k, v in base_t.items()}
                 taus = [{k: v.to(self.device) for k, v in t.items()} for t in taus]
             self.merger = ResidentMerger.from_tensors(base_t, taus, base_ck.num_layers)
         else:
-            base_ck, self.merger = load_resident(self.space)
-        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=torch.float32, use_safetensors=True)
+            base_ck, self.merger = load_resident(self.space, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=torch.float32,
+                                                          use_safetensors=None if allow_pickle else True,
+                                                          trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
-        self.tok = AutoTokenizer.from_pretrained(base_ck.path)
+        self.tok = AutoTokenizer.from_pretrained(base_ck.path, trust_remote_code=trust_remote_code)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"

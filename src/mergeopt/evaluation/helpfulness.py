@@ -8,6 +8,8 @@ import io
 import logging
 import math
 
+import torch
+
 from ..errors import UserError
 
 
@@ -30,20 +32,43 @@ def _cache_lm_eval_templates() -> None:
     u.apply_template = apply_template
 
 
+def _greedy_hflm():
+    """HFLM whose greedy generation runs the project's KV-cache loop instead of `model.generate`, whose
+    per-step machinery (logits processors, stop-string criteria decoding every step) costs more than
+    the forward pass on small models. Same tokens; sampling requests still go through HF."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .generation import greedy_continue
+
+    class GreedyHFLM(HFLM):
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            sampling = generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0, 0.0, None)
+            if sampling or self.backend != "causal":
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            mask = generation_kwargs.get("attention_mask")
+            if mask is None:
+                mask = (context != self.tokenizer.pad_token_id).long()
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            new = greedy_continue(self.model, context, mask, max_new_tokens=max(1, max_length - context.shape[1]),
+                                  eos=self.tokenizer.eos_token_id, pad=pad)
+            return torch.cat([context, new], dim=1)
+
+    return GreedyHFLM
+
+
 class LmEvalHelpfulness:
     """Scores each language's task by its primary metric, turned so that higher is better: a metric whose
     `higher_is_better` is false counts as 1 - value when it lies in [0, 1], else as -value."""
 
     def __init__(self, model, tokenizer, tasks: dict[str, str], include_path: str | None, *, batch_size: int = 128,
                  device: str = "cpu"):
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
         _cache_lm_eval_templates()
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                       add_bos_token=False)
+        self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
+                                 add_bos_token=False)
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
         known = set(tm.all_tasks)
         for lang, task in tasks.items():

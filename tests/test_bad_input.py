@@ -1,0 +1,154 @@
+"""A corpus of bad inputs to `optimize`: each gets one line naming the file, key path or tensor and what
+was expected, exit status 2, no traceback, and nothing written (no run folder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+from mergeopt.space import SPACES_DIR
+
+
+def _space_data(zoo: Path) -> dict:
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data.update(name="bad", base_model=str(zoo / "models" / "base"))
+    for m in data["models"]:
+        m["path"] = str(zoo / "models" / m["path"].split(":")[1])
+    data["evaluation"]["zoo"] = "test"
+    data["search"].update(n_trials=2, workers=1)
+    return data
+
+
+def _model(zoo: Path, tmp: Path, name: str, edit: Callable[[dict], None] | None = None,
+           cfg_edit: Callable[[dict], None] | None = None) -> str:
+    dst = tmp / name
+    shutil.copytree(zoo / "models" / "help_fr", dst)
+    if edit:
+        sd = load_file(dst / "model.safetensors")
+        edit(sd)
+        save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if cfg_edit:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def _pickle_only(zoo: Path, tmp: Path) -> str:
+    dst = tmp / "pickle"
+    dst.mkdir()
+    shutil.copy(zoo / "models" / "help_fr" / "config.json", dst / "config.json")
+    torch.save(load_file(zoo / "models" / "help_fr" / "model.safetensors"), dst / "pytorch_model.bin")
+    return str(dst)
+
+
+def _set(path: str, value):
+    def edit(d: dict) -> None:
+        keys = path.split(".")
+        cur = d
+        for k in keys[:-1]:
+            cur = cur[int(k)] if isinstance(cur, list) else cur.setdefault(k, {})
+        cur[keys[-1]] = value
+    return edit
+
+
+def _nan(sd: dict) -> None:
+    sd["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+
+
+def _inf(sd: dict) -> None:
+    sd["lm_head.weight"][3, 3] = float("inf")
+
+
+CASES: list[tuple[str, Callable, str]] = [
+    # the space file itself
+    ("malformed_yaml", lambda d, z, t: "name: [unclosed\n", "malformed YAML at line"),
+    ("not_a_mapping", lambda d, z, t: "- just\n- a list\n", "expected a mapping at the top level"),
+    ("unknown_top_key", lambda d, z, t: {**d, "methdos": ["ties"]}, "methdos: unknown key; did you mean 'methods'?"),
+    ("unknown_model_key", lambda d, z, t: (d["models"][1].update(langauge="fr"), d)[1], "models[1].langauge: unknown key; did you mean 'language'?"),
+    ("low_above_high", lambda d, z, t: (_set("ranges.weight", {"low": 2.0, "high": 1.0})(d), d)[1], "ranges.weight"),
+    ("log_range_at_zero", lambda d, z, t: (_set("ranges.weight", {"low": 0.0, "high": 1.0, "log": True})(d), d)[1], "a log range needs low > 0"),
+    ("unknown_method", lambda d, z, t: {**d, "methods": ["dare_tie"]}, "unknown merge method 'dare_tie'; did you mean 'dare_ties'?"),
+    ("unknown_sampler", lambda d, z, t: (_set("search.sampler", "bayes")(d), d)[1], "search.sampler"),
+    ("unknown_judge", lambda d, z, t: (_set("evaluation.judge", {"kind": "gpt4"})(d), d)[1], "evaluation.judge.kind"),
+    ("unknown_combined_metric", lambda d, z, t: {**d, "combined": "helpfulness - harmfulness"}, "unknown metric 'harmfulness'"),
+    ("unknown_objective", lambda d, z, t: {**d, "objectives": [{"metric": "bleu", "direction": "maximize"}]}, "objectives[0].metric"),
+    ("bad_direction", lambda d, z, t: {**d, "objectives": [{"metric": "harm", "direction": "down"}]}, "objectives[0].direction"),
+    ("bad_pick", lambda d, z, t: {**d, "pick": "the best one"}, "pick: cannot read 'the best one'"),
+    ("duplicate_names", lambda d, z, t: {**d, "models": d["models"] + [d["models"][0]]}, "share the name"),
+    ("per_model_unknown", lambda d, z, t: (_set("ranges.per_model", {"help_de": {"weight": 1.0}})(d), d)[1], "'help_de' names no model"),
+    ("slerp_many", lambda d, z, t: {**d, "methods": ["slerp"]}, "slerp merges exactly one model"),
+    ("zero_trials", lambda d, z, t: (_set("search.n_trials", 0)(d), d)[1], "search.n_trials"),
+    ("subset_fraction", lambda d, z, t: (_set("evaluation.subset_fraction", 1.5)(d), d)[1], "evaluation.subset_fraction"),
+    ("bad_name", lambda d, z, t: {**d, "name": "my study"}, "name:"),
+    ("no_models", lambda d, z, t: {**d, "models": []}, "models:"),
+    # the models
+    ("missing_model", lambda d, z, t: (d["models"][0].update(path=str(t / "nowhere")), d)[1], "model folder not found"),
+    ("shape_mismatch", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "shape", lambda sd: sd.update(
+        {"model.norm.weight": torch.ones(3)}))), d)[1], "tensor model.norm.weight has shape [3], expected [64]"),
+    ("missing_tensor", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "names", lambda sd: sd.pop("lm_head.weight"))), d)[1],
+     "tensor lm_head.weight is missing"),
+    ("vocab_mismatch", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "vocab", cfg_edit=lambda c: c.update(
+        vocab_size=c["vocab_size"] + 8))), d)[1], "vocab_size is"),
+    ("architecture_mismatch", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "arch", cfg_edit=lambda c: c.update(
+        architectures=["MistralForCausalLM"]))), d)[1], "architectures is ['MistralForCausalLM']"),
+    ("nan_weight", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "nan", _nan)), d)[1],
+     "model.layers.1.self_attn.q_proj.weight holds NaN or inf"),
+    ("inf_weight", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "inf", _inf)), d)[1], "lm_head.weight holds NaN or inf"),
+    ("pickle_only", lambda d, z, t: (d["models"][1].update(path=_pickle_only(z, t)), d)[1], "pickle checkpoint refused"),
+    ("remote_code", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "remote", cfg_edit=lambda c: c.update(
+        auto_map={"AutoModelForCausalLM": "x.Y"}))), d)[1], "pass --trust-remote-code"),
+    # the evaluation
+    ("prompt_missing_field", lambda d, z, t: (_write(t / "p.jsonl", '{"language": "en"}\n'), {**d, "evaluation": {
+        "validation": {"harmful": {"en": str(t / "p.jsonl")}}}})[1], "p.jsonl:1: field 'prompt' is missing"),
+    ("prompt_empty", lambda d, z, t: (_write(t / "e.jsonl", ""), {**d, "evaluation": {
+        "validation": {"harmful": {"en": str(t / "e.jsonl")}}}})[1], "e.jsonl: empty prompt set"),
+    ("unknown_task", lambda d, z, t: {**d, "evaluation": {"include_path": str(z / "eval" / "lm_eval"),
+                                                            "validation": {"tasks": {"en": "zoo_help_en_valid"}}}},
+     "lm-eval does not know task 'zoo_help_en_valid'"),
+    ("judge_missing", lambda d, z, t: (_set("evaluation.judge", {"kind": "classifier", "model": str(t / "nojudge")})(d), d)[1],
+     "evaluation.judge.model"),
+    ("too_many_workers", lambda d, z, t: (_set("search.workers", 500)(d), d)[1], "500 worker(s) need about"),
+]
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize(("case", "make", "fragment"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, make, fragment, test_zoo: Path, tmp_path: Path):
+    data = make(_space_data(test_zoo), test_zoo, tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    run = tmp_path / "run"
+    backend = "ray" if case == "too_many_workers" else "inline"  # the guard counts the workers that would start
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", backend, "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (case, r.stderr[-1500:])
+    assert len(lines) == 1 and "Traceback" not in r.stderr, (case, r.stderr[-1500:])
+    assert fragment in lines[0], (case, lines[0])
+    assert not run.exists(), case
+
+
+def test_pickle_and_remote_code_are_allowed_by_their_flags(test_zoo: Path, tmp_path: Path):
+    data = _space_data(test_zoo)
+    data["models"][1]["path"] = _pickle_only(test_zoo, tmp_path)
+    data["search"]["n_trials"] = 1
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "run"), "--backend", "inline", "--quiet",
+                "--no-export", "--allow-pickle")
+    assert r.returncode == 0, r.stderr[-1500:]
