@@ -296,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=float, default=2.0, help="maximum shard size in GiB (default 2)")
     m.add_argument("--device", default="cpu", help="device the tensors are merged on (cpu, cuda)")
     m.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    m.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
-    m.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+    _add_load_flags(m)
     m.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("eval", help="score a saved model with a space file's evaluation")
@@ -306,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["validation", "test"], default="validation")
     e.add_argument("--json", action="store_true")
     e.add_argument("--threads", type=int, default=1)
-    e.add_argument("--allow-pickle", action="store_true")
-    e.add_argument("--trust-remote-code", action="store_true")
+    _add_load_flags(e)
     e.set_defaults(func=cmd_eval)
 
     o = sub.add_parser("optimize", help="search merge recipes for a space file (resumes an existing run folder)")
@@ -331,13 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all-front", action="store_true", help="one folder per Pareto-front member")
     ex.add_argument("--out", help="output folder (default RUN_DIR/best, or RUN_DIR/front with --all-front)")
     ex.add_argument("--force", action="store_true", help="replace an existing folder")
-    ex.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
-    ex.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+    _add_load_flags(ex)
     ex.set_defaults(func=cmd_export)
 
     sc = sub.add_parser("schema", help="print the JSON Schema of search-space files")
     sc.set_defaults(func=cmd_schema)
     return p
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """Safe by default: pickle checkpoints and remote code only when asked for."""
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
 
 
 def add_optimize_args(o: argparse.ArgumentParser) -> None:
@@ -352,8 +355,7 @@ def add_optimize_args(o: argparse.ArgumentParser) -> None:
     o.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; load nothing")
     o.add_argument("--quiet", action="store_true", help="no progress bar (CI logs)")
     o.add_argument("--no-export", action="store_true", help="do not export the Pareto-best model at the end")
-    o.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
-    o.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+    _add_load_flags(o)
 
 
 def main(argv: list[str] | None = None) -> int:
