@@ -51,7 +51,6 @@ def test_short_study_with_two_ray_workers_writes_every_file(test_zoo: Path, tmp_
         assert (run / f).exists(), f
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trials"]["complete"] == 6
-    assert {t.get("worker") for t in summary["front"]} or True
     workers = {row["worker"] for row in csv.DictReader(open(run / "trials.csv"))}
     assert workers == {"0", "1"}  # both actors took trials
     baselines = [row["baseline"] for row in csv.DictReader(open(run / "trials.csv")) if row["baseline"]]

@@ -9,7 +9,3 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A model folder that is missing, unsafe to load, corrupt, or does not match the base."""
-
-
-class RecipeError(UserError):
-    """A merge recipe that does not validate."""

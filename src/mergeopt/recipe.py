@@ -10,7 +10,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import RecipeError
 from .methods import RESCALE_MODES, get_method
 from .validation import load_yaml, parse_model
 
@@ -119,7 +118,4 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    try:
-        return parse_model(Recipe, load_yaml(path), str(path))
-    except RecipeError:
-        raise
+    return parse_model(Recipe, load_yaml(path), str(path))

@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def preflight(space: Space) -> None:
                 raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")
 
 
-def open_study(space: Space, run_dir: Path, *, resume_ok: bool = True) -> optuna.Study:
+def open_study(space: Space, run_dir: Path) -> optuna.Study:
     """Create the study, or load it from the run folder's storage to resume. A run folder made by a
     different space file is refused."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,11 +149,6 @@ class Progress:
     best_combined: float = float("-inf")
     front_size: int = 0
     hypervolume: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def eta(self, new_done: int, new_total: int) -> float:
-        el = time.perf_counter() - self.started
-        return el / new_done * (new_total - new_done) if new_done else float("nan")
 
 
 def front_stats(space: Space, study: optuna.Study) -> tuple[float, int, float]:

@@ -193,8 +193,6 @@ class Space(Strict):
                 raise ValueError(f"ranges.per_model: {k!r} names no model; expected one of {keys}")
         if "slerp" in self.methods and len(self.models) != 1:
             raise ValueError("methods: slerp merges exactly one model into the base")
-        if self.search.sampler == "cmaes" and self.search.workers < 1:
-            raise ValueError("search.workers must be at least 1")
         ev = self.evaluation
         if ev.zoo is None and not ev.validation.tasks and not ev.validation.harmful:
             raise ValueError("evaluation: name lm-eval tasks or prompt files under evaluation.validation, or set evaluation.zoo")

@@ -64,7 +64,7 @@ class _Blockwise:
                 else:
                     self.threshold = float(thr)
         else:
-            self.kind = "dense" if kind in ("none", "bernoulli", "magnitude") else "dense"
+            self.kind = "dense"
 
     def block(self, s: int, e: int) -> torch.Tensor | None:
         x = self.flat[s:e]
