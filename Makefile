@@ -25,8 +25,11 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/python -m pytest -q tests
 
+# Every benchmark (never part of the tests), then the README's Results tables from their JSON.
+BENCHES := $(filter-out bench/common.py bench/readme_tables.py,$(sort $(wildcard bench/*.py)))
 bench: $(STAMP)
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in $(BENCHES); do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	$(BIN)/python bench/readme_tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,5 +1,7 @@
-"""On the embedded study: the share of trial wall time spent in merge + forward passes, and trials per
-second with 1 and with 2 workers (start-up excluded: from the first trial's start to the last one's end).
+"""On the embedded study: the share of trial wall time spent in merge + forward passes, trials per
+second with 1 and with 2 workers (start-up excluded: from the first trial's start to the last one's end),
+and the memory of each worker (USS: its own pages; PSS: with the shared pages, such as the task vectors
+in Ray's object store, split among the processes that map them).
 
     python bench/search_overhead.py [--trials 24] [--json runs/bench/search_overhead.json]
 """
@@ -7,33 +9,45 @@ second with 1 and with 2 workers (start-up excluded: from the first trial's star
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import optuna
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, machine_line, ray_pool, with_search, write_json  # noqa: E402
 
-def run(space: str, workers: int, trials: int, run_dir: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", space, "--workers", str(workers),
-                    "--n-trials", str(trials), "--run-dir", str(run_dir), "--quiet"], check=True, capture_output=True)
-    name = json.loads((run_dir / "space.json").read_text())["name"]
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
+from mergeopt.space import load_space  # noqa: E402
+
+
+def run(space_ref: str, workers: int, trials: int, run_dir: Path) -> dict:
+    import psutil
+    import ray
+
+    from mergeopt.search import run_study
+
+    space = with_search(load_space(space_ref), n_trials=trials, workers=workers)
+    pool = ray_pool(space, workers)
+    try:
+        study = run_study(space, run_dir, n_trials=trials, workers=workers, pool=pool)
+        pids = [ray.get(w.info.remote())["pid"] for w in pool.workers]
+        mem = [psutil.Process(pid).memory_full_info() for pid in pids]
+    finally:
+        pool.close()
+        ray.shutdown()
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     wall = sum(t.user_attrs["wall_s"] for t in done)
     merge = sum(t.user_attrs["merge_s"] for t in done)
     fwd = sum(t.user_attrs.get("forward_s", 0.0) for t in done)
     ev = sum(t.user_attrs["eval_s"] for t in done)
+    mib = 2**20
     return {"workers": workers, "trials": len(done), "span_s": span, "trials_per_s": len(done) / span,
             "merge_forward_share": (merge + fwd) / wall, "merge_eval_share": (merge + ev) / wall,
             "merge_s_mean": merge / len(done), "forward_s_mean": fwd / len(done), "eval_s_mean": ev / len(done),
-            "wall_s_mean": wall / len(done)}
+            "wall_s_mean": wall / len(done), "worker_uss_mib": max(x.uss for x in mem) / mib,
+            "worker_pss_mib": max(x.pss for x in mem) / mib, "worker_rss_mib": max(x.rss for x in mem) / mib}
 
 
 def main() -> None:
@@ -42,22 +56,21 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--json", default="runs/bench/search_overhead.json")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; space {args.space}, {args.trials} trials per run")
+    m = machine()
+    print(f"machine: {machine_line(m)}; space {args.space}, {args.trials} trials per run")
     rows = []
-    with tempfile.TemporaryDirectory() as d:
-        for workers in (1, 2):
-            r = run(args.space, workers, args.trials, Path(d) / f"w{workers}")
-            rows.append(r)
-            print(f"{workers} worker(s): {r['trials_per_s']:.2f} trials/s; per trial merge {r['merge_s_mean'] * 1000:.1f} ms, "
-                  f"forward passes {r['forward_s_mean'] * 1000:.0f} ms, evaluation {r['eval_s_mean'] * 1000:.0f} ms, "
-                  f"wall {r['wall_s_mean'] * 1000:.0f} ms; merge + forward {r['merge_forward_share']:.1%} of trial wall time "
-                  f"(target >= 95%), merge + evaluation {r['merge_eval_share']:.1%}")
-            shutil.rmtree(Path(d) / f"w{workers}")
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as d:
+            r = run(args.space, workers, args.trials, Path(d))
+        rows.append(r)
+        print(f"{workers} worker(s): {r['trials_per_s']:.2f} trials/s; per trial merge {r['merge_s_mean'] * 1000:.1f} ms, "
+              f"forward passes {r['forward_s_mean'] * 1000:.0f} ms, evaluation {r['eval_s_mean'] * 1000:.0f} ms, "
+              f"wall {r['wall_s_mean'] * 1000:.0f} ms; merge + forward {r['merge_forward_share']:.1%} of trial wall time "
+              f"(target >= 95%), merge + evaluation {r['merge_eval_share']:.1%}; worker memory USS "
+              f"{r['worker_uss_mib']:.0f} MiB, PSS {r['worker_pss_mib']:.0f} MiB, RSS {r['worker_rss_mib']:.0f} MiB")
     speedup = rows[1]["trials_per_s"] / rows[0]["trials_per_s"]
     print(f"2 workers / 1 worker: {speedup:.2f}x trials per second (target >= 1.7x)")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "speedup_2_workers": speedup}, indent=2))
+    out = write_json(args.json, {"machine": m, "rows": rows, "speedup_2_workers": speedup})
     print(f"wrote {out}")
 
 

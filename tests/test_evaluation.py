@@ -86,6 +86,23 @@ def test_subset_then_rest_equals_full(test_zoo: Path):
     assert ev.stages["subset"] == Evaluator(model, tok, resolve_assets(cfg, "validation")).stages["subset"]  # seeded
 
 
+def test_a_resident_evaluator_scores_each_candidate_afresh(test_zoo: Path, scores):
+    """The evaluator keeps lm-eval's built requests, the documents and the encoded prompts across calls;
+    no response of one candidate may leak into the next. One evaluator scores two models in turn, in
+    stages and whole, and each result equals that of a fresh evaluator."""
+    cfg = EvaluationConfig(zoo="test", subset_fraction=0.25)
+    model, tok = _model(test_zoo, "base")
+    ev = Evaluator(model, tok, resolve_assets(cfg, "validation"))
+    weights = {n: AutoModelForCausalLM.from_pretrained(test_zoo / "models" / n).state_dict() for n in ("help_en", "safety")}
+    for name in ("help_en", "safety", "help_en"):
+        model.load_state_dict(weights[name])
+        staged = ev.summarize(ev.run("subset") + ev.run("rest"))
+        whole = ev.evaluate()
+        for k, v in scores[name].items():
+            if not k.startswith("time/"):
+                assert staged[k] == pytest.approx(v, abs=1e-9) and whole[k] == pytest.approx(v, abs=1e-9), (name, k)
+
+
 def test_loglik_mode_agrees_with_generation(test_zoo: Path):
     """The fast mode that never generates: report how often it agrees with the judged generations."""
     gen = resolve_assets(EvaluationConfig(zoo="test"), "validation")

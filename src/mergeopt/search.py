@@ -311,12 +311,14 @@ def check_memory(space: Space, workers: int, gpus: bool, **load: bool) -> None:
 
 def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, address: str | None = None,
               backend: str = "ray", on_progress: Callable[[Progress], None] | None = None,
-              allow_pickle: bool = False, trust_remote_code: bool = False) -> optuna.Study:
+              allow_pickle: bool = False, trust_remote_code: bool = False, pool: Any = None) -> optuna.Study:
     """Run (or resume) the study. Everything that can be refused is checked before anything is
     written: memory, the run folder's origin, the evaluation assets, and every model's tensors (loaded
-    by the pool)."""
+    by the pool). A `pool` passed in (its workers built for a space with the same models and
+    evaluation) is used and left open, so benchmarks can run many studies on the same warm workers."""
     load = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    if address is None:
+    own_pool = pool is None
+    if address is None and own_pool:
         import torch
 
         check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available(), **load)
@@ -325,8 +327,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     done_before = 0
     if (run_dir / "study.db").exists() and space.storage is None:
         done_before = len(finished(open_study(space, run_dir)))
-    pool = None
-    if done_before < n_trials:
+    if own_pool and done_before < n_trials:  # built before the study is created: a bad model writes nothing
         pool = InlinePool(space, workers, **load) if backend == "inline" else \
             RayPool(space, min(workers, n_trials - done_before), address, **load)
     study = open_study(space, run_dir)
@@ -338,7 +339,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     if on_progress:
         on_progress(prog)
     if prog.done >= n_trials or pool is None:
-        if pool is not None:
+        if pool is not None and own_pool:
             pool.close()
         return study
     deadline = time.perf_counter() + space.search.timeout if space.search.timeout else math.inf
@@ -377,7 +378,8 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
             if on_progress:
                 on_progress(prog)
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
     return study
 
 

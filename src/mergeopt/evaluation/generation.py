@@ -32,22 +32,38 @@ def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tenso
     return torch.stack(new, dim=1)
 
 
-def greedy_generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], *,
-                    max_new_tokens: int = 8, batch_size: int = 128) -> list[str]:
-    """Greedy continuations of `prompts`, decoded without special tokens and stripped.
+Batch = tuple[list[int], torch.Tensor, torch.Tensor]  # (prompt indices, input ids, attention mask)
 
-    Prompts are sorted by length so a batch carries little padding; the result keeps input order."""
+
+def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int = 128) -> list[Batch]:
+    """Left-padded batches of `prompts`, sorted by length so a batch carries little padding. A scorer that
+    sends the same prompts for every candidate encodes them once and keeps the batches."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].split()))
-    out: list[str] = [""] * len(prompts)
-    eos = tok.eos_token_id
+    batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = greedy_continue(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, eos=eos,
-                              pad=eos)
-        for row, i in enumerate(idx):
-            toks = gen[row].tolist()
-            if eos in toks:
-                toks = toks[: toks.index(eos)]
-            out[i] = tok.decode(toks, skip_special_tokens=True).strip()
+        batches.append((idx, enc["input_ids"], enc["attention_mask"]))
+    return batches
+
+
+def generate_encoded(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batches: list[Batch], *,
+                     max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuations of encoded prompts, in prompt order, decoded without special tokens and
+    stripped."""
+    n = sum(len(idx) for idx, _, _ in batches)
+    out: list[str] = [""] * n
+    eos = tok.eos_token_id
+    for idx, ids, mask in batches:
+        gen = greedy_continue(model, ids, mask, max_new_tokens=max_new_tokens, eos=eos, pad=eos).tolist()
+        rows = [toks[: toks.index(eos)] if eos in toks else toks for toks in gen]
+        for i, text in zip(idx, tok.batch_decode(rows, skip_special_tokens=True), strict=True):
+            out[i] = text.strip()
     return out
+
+
+def greedy_generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str], *,
+                    max_new_tokens: int = 8, batch_size: int = 128) -> list[str]:
+    """Greedy continuations of `prompts`, decoded without special tokens and stripped, in input order."""
+    return generate_encoded(model, tok, encode_prompts(tok, prompts, batch_size=batch_size),
+                            max_new_tokens=max_new_tokens)

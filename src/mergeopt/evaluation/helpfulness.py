@@ -14,9 +14,11 @@ from ..errors import UserError
 
 
 def _cache_lm_eval_templates() -> None:
-    """lm-eval compiles a task's Jinja templates afresh for every document on every `evaluate` call;
-    a search scores the same documents hundreds of times, so compiled templates are kept by their
-    source text. Rendering, and so every prompt and target, is unchanged."""
+    """lm-eval compiles a task's Jinja templates afresh for every document on every `evaluate` call,
+    and renders each target twice per call; a search scores the same documents hundreds of times, so
+    compiled templates are kept by their source text and renderings by (template, document). The
+    documents are the resident ones (`_make_resident`), so a rendering is keyed by the document object
+    itself and is never stale. Every prompt and target is unchanged."""
     import functools
 
     import lm_eval.utils as u
@@ -24,12 +26,54 @@ def _cache_lm_eval_templates() -> None:
     if getattr(u.apply_template, "_mergeopt_cached", False):
         return
     compiled = functools.lru_cache(maxsize=4096)(u.env.from_string)
+    rendered: dict[tuple[str, int], tuple[dict, str]] = {}
 
     def apply_template(template: str, doc: dict) -> str:
-        return compiled(template).render(**doc)
+        key = (template, id(doc))
+        hit = rendered.get(key)
+        if hit is not None and hit[0] is doc:
+            return hit[1]
+        text = compiled(template).render(**doc)
+        if len(rendered) > 200_000:  # documents that are not resident come as new objects each call
+            rendered.clear()
+        rendered[key] = (doc, text)
+        return text
 
     apply_template._mergeopt_cached = True  # type: ignore[attr-defined]
     u.apply_template = apply_template
+
+
+class _DocJson:
+    """Stands in for `json` inside `lm_eval.evaluator`, which serializes every document (indent=2, so
+    with the pure-Python encoder) on every call, only to hash it into the sample log. The documents are
+    resident and never change, so each one's text is kept, keyed by the document object itself."""
+
+    def __init__(self) -> None:
+        import json
+
+        self._json, self._texts = json, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._json, name)
+
+    def dumps(self, obj, **kw) -> str:
+        if not isinstance(obj, dict):
+            return self._json.dumps(obj, **kw)
+        key = (id(obj), kw.get("indent"), kw.get("ensure_ascii", True))
+        hit = self._texts.get(key)
+        if hit is None or hit[0] is not obj:
+            if len(self._texts) > 200_000:
+                self._texts.clear()
+            hit = (obj, self._json.dumps(obj, **kw))
+            self._texts[key] = hit
+        return hit[1]
+
+
+def _cache_document_json() -> None:
+    import lm_eval.evaluator as ev
+
+    if not isinstance(ev.json, _DocJson):
+        ev.json = _DocJson()
 
 
 def _greedy_hflm():
@@ -41,6 +85,34 @@ def _greedy_hflm():
     from .generation import greedy_continue
 
     class GreedyHFLM(HFLM):
+        """Also keeps the token ids of every context it has encoded, and the text of short generations it
+        has decoded: a search sends the same contexts on every call and its candidates often give the
+        same answers; tokenizing and decoding again cost as much as a tenth of the forward passes."""
+
+        def _memo(self, key: tuple, compute):
+            cache = self.__dict__.setdefault("_mergeopt_memo", {})  # per instance: each has its tokenizer
+            if key not in cache:
+                if len(cache) > 100_000:
+                    cache.clear()
+                cache[key] = compute()
+            return cache[key]
+
+        def tok_encode(self, string: str, left_truncate_len=None, add_special_tokens=None) -> list[int]:
+            return list(self._memo(("encode", string, left_truncate_len, add_special_tokens),
+                                   lambda: super(GreedyHFLM, self).tok_encode(string, left_truncate_len, add_special_tokens)))
+
+        def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+            key = tokens if isinstance(tokens, int) else tuple(tokens)
+            return self._memo(("decode", key, skip_special_tokens),
+                              lambda: super(GreedyHFLM, self).tok_decode(tokens, skip_special_tokens))
+
+        def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len=None,
+                             truncation: bool = False):
+            # read only: lm-eval moves the tensors to the device and slices them
+            return self._memo(("batch", tuple(strings), padding_side, left_truncate_len, truncation),
+                              lambda: super(GreedyHFLM, self).tok_batch_encode(strings, padding_side, left_truncate_len,
+                                                                               truncation))
+
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
             sampling = generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0, 0.0, None)
             if sampling or self.backend != "causal":
@@ -56,6 +128,49 @@ def _greedy_hflm():
     return GreedyHFLM
 
 
+def _make_resident(task) -> None:
+    """Keep a task's documents and built requests for the life of the worker.
+
+    lm-eval re-reads the documents through `datasets` and rebuilds every request (prompt rendering,
+    few-shot sampling) on each `evaluate` call. A search scores the same documents hundreds of times,
+    so the documents are held as a list, the requests built once per document selection (each call
+    starts from empty responses), and each (document, response) scored once. A side effect that a search needs: a few-shot task gives every
+    candidate the same prompts, where lm-eval's sampler would draw new shots on each call."""
+    docs = list(task.eval_docs)
+    setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
+    build = task.build_all_requests
+    built: dict[tuple, list] = {}
+
+    def build_all_requests(*, samples: list[int] | None = None, chat_template=None, **kw) -> None:
+        key = (tuple(samples) if samples is not None else None, id(chat_template), tuple(sorted(kw.items())))
+        if key not in built:
+            build(samples=samples, chat_template=chat_template, **kw)
+            built[key] = list(task._instances)
+        for inst in built[key]:
+            inst.resps.clear()
+            inst.filtered_resps.clear()
+        task._instances = list(built[key])
+
+    task.build_all_requests = build_all_requests
+
+    # Scoring a response is a pure function of the document and the response, and candidates of one
+    # search often give the same answers: keep the scores (keyed by the resident document itself).
+    score = task.process_results
+    scored: dict[tuple[int, str], tuple[dict, dict]] = {}
+
+    def process_results(doc: dict, results: list) -> dict:
+        key = (id(doc), repr(results))
+        hit = scored.get(key)
+        if hit is None or hit[0] is not doc:
+            if len(scored) > 200_000:
+                scored.clear()
+            hit = (doc, score(doc, results))
+            scored[key] = hit
+        return dict(hit[1])
+
+    task.process_results = process_results
+
+
 class LmEvalHelpfulness:
     """Scores each language's task by its primary metric, turned so that higher is better: a metric whose
     `higher_is_better` is false counts as 1 - value when it lies in [0, 1], else as -value."""
@@ -67,6 +182,7 @@ class LmEvalHelpfulness:
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
         _cache_lm_eval_templates()
+        _cache_document_json()
         self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
                                  add_bos_token=False)
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
@@ -81,6 +197,8 @@ class LmEvalHelpfulness:
         self.task_of = dict(tasks)
         with contextlib.redirect_stderr(io.StringIO()):  # datasets' and lm-eval's own progress bars
             self.tasks = tm.load(list(tasks.values()))["tasks"]
+        for task in self.tasks.values():
+            _make_resident(task)
         self.metric: dict[str, tuple[str, bool]] = {}
         for name, task in self.tasks.items():
             metric = next(iter(task.aggregation()))

@@ -5,7 +5,7 @@ log-probability of the language's refusal is compared with that of the compliant
 from __future__ import annotations
 
 from .assets import EvalAssets, PromptRow
-from .generation import greedy_generate
+from .generation import Batch, encode_prompts, generate_encoded
 from .judges import Label, build_judge
 from .loglik import continuation_logprobs
 
@@ -20,20 +20,34 @@ class SafetyScorer:
     def __init__(self, model, tokenizer, assets: EvalAssets):
         self.model, self.tok, self.assets = model, tokenizer, assets
         self.judge = build_judge(assets.judge) if assets.config.mode == "generate" else None
+        self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
+
+    def _texts(self, rows: list[PromptRow]) -> list[str]:
+        return [format_prompt(self.tok, self.assets.chat_template, r.prompt) for r in rows]
+
+    def _batches(self, rows: list[PromptRow]) -> list[Batch]:
+        """The formatted, encoded prompts of a row selection, kept: every candidate is scored on the same
+        rows, and a chat template costs a Jinja rendering per prompt."""
+        key = tuple(map(id, rows))
+        hit = self._encoded.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):
+            hit = (list(rows), encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size))
+            self._encoded[key] = hit
+        return hit[1]
 
     def label(self, rows: list[PromptRow]) -> list[Label]:
         if not rows:
             return []
         a = self.assets
-        texts = [format_prompt(self.tok, a.chat_template, r.prompt) for r in rows]
         if a.config.mode == "loglik":
+            texts = self._texts(rows)
             refusal = [a.refusal_continuation[r.language] for r in rows]
             comply = [a.compliance_continuation[r.language].format(answer=r.answer or "") for r in rows]
             lr = continuation_logprobs(self.model, self.tok, texts, refusal, a.config.batch_size)
             lc = continuation_logprobs(self.model, self.tok, texts, comply, a.config.batch_size)
             return [Label.REFUSED if x >= y else Label.COMPLIED for x, y in zip(lr, lc, strict=True)]
-        responses = greedy_generate(self.model, self.tok, texts, max_new_tokens=a.config.max_new_tokens,
-                                    batch_size=a.config.batch_size)
+        responses = generate_encoded(self.model, self.tok, self._batches(rows),
+                                     max_new_tokens=a.config.max_new_tokens)
         if hasattr(self.judge, "label_many"):
             return self.judge.label_many([r.prompt for r in rows], responses)
         return [self.judge.label(resp, r.language, r.answer) for r, resp in zip(rows, responses, strict=True)]

@@ -1,0 +1,88 @@
+"""Shared by the benchmarks: the machine line, warm worker pools, studies of enqueued recipes, and the
+hypervolume curve of a study."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mergeopt.objectives import hypervolume, objective_values
+from mergeopt.space import Space
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "threads_per_worker": 1}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, "
+            f"{'CUDA' if m['cuda'] else 'no GPU'}, torch {m['torch']}, one torch thread per worker")
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    return out
+
+
+def with_search(space: Space, **search: Any) -> Space:
+    """A copy of the space with other search settings, validated again."""
+    data = space.model_dump(mode="json", by_alias=True)
+    data["search"].update(search)
+    return Space.model_validate(data)
+
+
+def ray_pool(space: Space, workers: int):
+    """Warm Ray workers for many studies on the same models and evaluation."""
+    import torch
+
+    from mergeopt.search import RayPool
+
+    torch.set_num_threads(1)
+    return RayPool(space, workers, None)
+
+
+def run_recipes(space: Space, params: list[dict[str, Any]], run_dir: Path, pool) -> optuna.Study:
+    """Evaluate exactly these parameter sets (validation split), one trial each, on the pool."""
+    from mergeopt.search import open_study, run_study
+
+    fixed = with_search(space, sampler="random", baselines=False, n_trials=len(params))
+    study = open_study(fixed, run_dir)
+    for p in params:
+        study.enqueue_trial(p, skip_if_exists=False)
+    return run_study(fixed, run_dir, n_trials=len(params), workers=pool.size, pool=pool)
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+def hv_curve(space: Space, study: optuna.Study, n: int) -> list[float]:
+    """Hypervolume (objectives of the space, fixed reference point) of the first k trials, k = 1..n.
+    Failed and pruned trials count as trials spent."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[:n]
+    curve, pts, hv = [], [], 0.0
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            pts.append(objective_values(space, t.user_attrs["metrics"]))
+            hv = hypervolume(space, pts)
+        curve.append(hv)
+    return curve + [hv] * (n - len(curve))

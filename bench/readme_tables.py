@@ -1,0 +1,139 @@
+"""Rewrite the README's Results tables from the benchmarks' JSON under runs/bench/.
+
+Each table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is rendered from
+`runs/bench/NAME.json`; the prose around the tables is left alone, and a table whose JSON is missing
+is kept as it is. `make bench` runs this last.
+
+    python bench/readme_tables.py [--readme README.md] [--dir runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms"
+
+
+def merge_speed(d: dict) -> str:
+    lines = [f"copy bandwidth {d['machine']['copy_gbps']:.1f} GB/s, {d['machine']['cores']} cores, one thread",
+             "", "| model | method | per candidate | bound | × bound (target) | `mergekit-yaml` (speed-up) |",
+             "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        size = "zoo" if r["model"] == "zoo" else f"synthetic {r['params'] / 1e6:.0f}M"
+        mk = f"{r['mergekit_seconds']:.2f} s ({r['speedup_vs_mergekit']:.0f}×)" if r.get("mergekit_seconds") else "-"
+        lines.append(f"| {size} ({r['params'] / 1e6:.2f}M params) | {r['method']} | {_ms(r['seconds'])} | "
+                     f"{_ms(r['bound_seconds'])} | {r['x_bound']:.2f}× (≤ {r['target_x_bound']:g}×) | {mk} |")
+    return "\n".join(lines)
+
+
+def mergekit_parity(d: list) -> str:
+    lines = ["| method | max \\|diff\\| (target ≤ 1e-6) | share changed (mergekit / mergeopt) | norm (mergekit / mergeopt) |",
+             "|---|---|---|---|"]
+    for r in d:
+        if "max_abs_diff" in r:
+            lines.append(f"| {r['method']} | {r['max_abs_diff']:.1e} | - | - |")
+        else:
+            lines.append(f"| {r['method']} | random: by statistics | {r['mergekit_changed_share']:.3f} / "
+                         f"{r['mergeopt_changed_share']:.3f} | {r['mergekit_norm']:.3f} / {r['mergeopt_norm']:.3f} "
+                         f"({r['norm_rel_diff']:.1%} apart) |")
+    return "\n".join(lines)
+
+
+def eval_overhead(d: dict) -> str:
+    b = d["best"]
+    return "\n".join([
+        "| per candidate (target ≤ 1 s) | lm-eval helpfulness | harm + over-refusal | forward passes | outside forward passes (target ≤ 5%) | loglik agreement |",
+        "|---|---|---|---|---|---|",
+        f"| {b['wall_s']:.3f} s ({d['items']} prompts) | {b['help_s']:.3f} s | {b['safety_s']:.3f} s | {b['forward_s']:.3f} s | "
+        f"{d['overhead_share']:.1%} | {d['loglik_agreement']:.1%} |"])
+
+
+def search_overhead(d: dict) -> str:
+    lines = ["| workers | trials/s | merge per trial | forward passes | evaluation | trial wall | merge + forward (target ≥ 95%) | merge + evaluation | worker memory (USS / PSS) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        mem = f"{r['worker_uss_mib']:.0f} / {r['worker_pss_mib']:.0f} MiB" if "worker_uss_mib" in r else "-"
+        lines.append(f"| {r['workers']} | {r['trials_per_s']:.2f} | {_ms(r['merge_s_mean'])} | {_ms(r['forward_s_mean'])} | "
+                     f"{_ms(r['eval_s_mean'])} | {_ms(r['wall_s_mean'])} | {r['merge_forward_share']:.1%} | "
+                     f"{r['merge_eval_share']:.1%} | {mem} |")
+    lines.append("")
+    lines.append(f"2 workers / 1 worker: **{d['speedup_2_workers']:.2f}×** trials per second (target ≥ 1.7×).")
+    return "\n".join(lines)
+
+
+def search_efficiency(d: dict) -> str:
+    b = d["budget"]
+    lines = [f"Reference: {d['grid_recipes']} grid recipes, hypervolume {d['reference_hv']:.4f} (best combined "
+             f"{d['grid_best_combined']:+.3f}). {d['seeds']} seeds per sampler, {b} trials per run.", "",
+             "| sampler | trials to 95% of the grid's hypervolume (mean) | per seed | hypervolume after "
+             f"{b} trials | best combined (mean) | seconds per run |", "|---|---|---|---|---|---|"]
+    for s in d["summary"]:
+        per = ", ".join(f">{b}" if x is None else str(x) for x in s["per_seed"])
+        mean = f"{'≥ ' if s['censored'] else ''}{s['mean_trials_to_95']:.1f}"
+        name = f"**{s['sampler']}** (default)" if s["default"] else s["sampler"]
+        lines.append(f"| {name} | {mean} | {per} | {s['mean_final_share']:.1%} | {s['mean_best_combined']:+.3f} | "
+                     f"{s['mean_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def paper_table(d: dict) -> str:
+    langs = sorted({k.split("/")[1] for r in d["rows"] for k in r["metrics"] if k.startswith("helpfulness/")})
+    head = "| | " + " | ".join(f"help {lg}" for lg in langs) + " | help | harm | over-refusal | combined | evaluations | validation combined |"
+    lines = [head, "|---" * (len(langs) + 7) + "|"]
+    for r in d["rows"]:
+        m = r["metrics"]
+        cells = [f"{m.get(f'helpfulness/{lg}', float('nan')):.2f}" for lg in langs]
+        cells += [f"{m['helpfulness']:.3f}", f"{m['harm']:.3f}", f"{m.get('over_refusal', 0.0):.3f}", f"{m['combined']:+.3f}",
+                  "-" if r["evaluations"] is None else str(r["evaluations"]),
+                  "-" if r["validation_combined"] is None else f"{r['validation_combined']:+.3f}"]
+        name = f"{r['row']} ({r['recipe']})" if r["evaluations"] else r["row"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def resume_soak(d: dict) -> str:
+    per = (d["soak_s"] - d["baseline_s"]) / max(d["kills"], 1)
+    return "\n".join(["| kills | trials lost | trials changed | complete | interrupted run | uninterrupted | lost per kill |",
+                      "|---|---|---|---|---|---|---|",
+                      f"| {d['kills']} | {len(d['lost'])} | {len(d['changed'])} | {d['complete']}/{d['trials']} | "
+                      f"{d['soak_s']:.0f} s | {d['baseline_s']:.0f} s | {per:.1f} s |"])
+
+
+RENDER: dict[str, Callable] = {"merge_speed": merge_speed, "mergekit_parity": mergekit_parity,
+                               "eval_overhead": eval_overhead, "search_overhead": search_overhead,
+                               "search_efficiency": search_efficiency, "paper_table": paper_table,
+                               "resume_soak": resume_soak}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--dir", default="runs/bench")
+    args = ap.parse_args()
+    path = Path(args.readme)
+    text = path.read_text()
+    for name, render in RENDER.items():
+        src = Path(args.dir) / f"{name}.json"
+        pat = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        if not pat.search(text):
+            print(f"README has no table for {name}")
+            continue
+        if not src.exists():
+            print(f"{src} missing: the {name} table is kept")
+            continue
+        table = render(json.loads(src.read_text()))
+        text = pat.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        print(f"{name}: table rewritten from {src}")
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
