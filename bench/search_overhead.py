@@ -1,4 +1,6 @@
-"""On the embedded study: the share of trial wall time spent in merge + forward passes, trials per
+"""On the embedded study: the share of trial wall time (from a trial's submission to its result) spent
+in merge + forward passes, and the stricter share of the workers' whole time (first trial's start to
+the last one's end, times the workers: the driver's asking and telling included); trials per
 second with 1 and with 2 workers (start-up excluded: from the first trial's start to the last one's end),
 and the memory of each worker (USS: its own pages; PSS: with the shared pages, such as the task vectors
 in Ray's object store, split among the processes that map them).
@@ -46,7 +48,8 @@ def run(space_ref: str, workers: int, trials: int, run_dir: Path) -> dict:
     return {"workers": workers, "trials": len(done), "span_s": span, "trials_per_s": len(done) / span,
             "merge_forward_share": (merge + fwd) / wall, "merge_eval_share": (merge + ev) / wall,
             "merge_s_mean": merge / len(done), "forward_s_mean": fwd / len(done), "eval_s_mean": ev / len(done),
-            "wall_s_mean": wall / len(done), "worker_uss_mib": max(x.uss for x in mem) / mib,
+            "wall_s_mean": wall / len(done), "worker_busy_share": (merge + fwd) / (span * workers),
+            "worker_uss_mib": max(x.uss for x in mem) / mib,
             "worker_pss_mib": max(x.pss for x in mem) / mib, "worker_rss_mib": max(x.rss for x in mem) / mib}
 
 
@@ -66,7 +69,8 @@ def main() -> None:
         print(f"{workers} worker(s): {r['trials_per_s']:.2f} trials/s; per trial merge {r['merge_s_mean'] * 1000:.1f} ms, "
               f"forward passes {r['forward_s_mean'] * 1000:.0f} ms, evaluation {r['eval_s_mean'] * 1000:.0f} ms, "
               f"wall {r['wall_s_mean'] * 1000:.0f} ms; merge + forward {r['merge_forward_share']:.1%} of trial wall time "
-              f"(target >= 95%), merge + evaluation {r['merge_eval_share']:.1%}; worker memory USS "
+              f"(target >= 95%), merge + evaluation {r['merge_eval_share']:.1%}; workers in merge + forward "
+              f"{r['worker_busy_share']:.1%} of the span (driver, sampler and storage included); worker memory USS "
               f"{r['worker_uss_mib']:.0f} MiB, PSS {r['worker_pss_mib']:.0f} MiB, RSS {r['worker_rss_mib']:.0f} MiB")
     speedup = rows[1]["trials_per_s"] / rows[0]["trials_per_s"]
     print(f"2 workers / 1 worker: {speedup:.2f}x trials per second (target >= 1.7x)")

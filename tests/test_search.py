@@ -73,6 +73,26 @@ def test_same_seed_one_worker_gives_same_trials_and_resume_continues(test_zoo: P
     assert _trials(a) == _trials(b)
 
 
+def test_pruner_stops_a_candidate_on_the_subset_and_without_one_a_candidate_is_scored_in_one_pass(test_zoo: Path, tmp_path: Path):
+    from mergeopt.space import load_space
+    from mergeopt.worker import TrialWorker
+
+    pruned = load_space(str(_test_space(tmp_path, pruner="median")))
+    worker = TrialWorker(pruned.model_dump(mode="json", by_alias=True))
+    params = pruned.baselines()[0]
+    low = worker.run(params, seed=1, prune_below=10.0)  # no candidate reaches a combined score of 10
+    assert low["state"] == "pruned" and "subset" in low and "metrics" not in low
+    staged = worker.run(params, seed=1, prune_below=-10.0)
+    assert staged["state"] == "complete" and "subset" in staged
+    plain = load_space(str(_test_space(tmp_path, pruner="none")))
+    worker.space = plain
+    whole = worker.run(params, seed=1)
+    assert whole["state"] == "complete" and "subset" not in whole
+    for k, v in staged["metrics"].items():
+        if not k.startswith("time/"):
+            assert whole["metrics"][k] == pytest.approx(v, abs=1e-9), k
+
+
 def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Path):
     space = _test_space(tmp_path, n_trials=1, workers=1)
     run = tmp_path / "run"

@@ -113,8 +113,10 @@ class TrialWorker:
         return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "startup_s": self.startup_s}
 
     def run(self, params: dict[str, Any], seed: int, prune_below: float | None = None) -> dict[str, Any]:
-        """Merge the candidate and evaluate it. With multi-fidelity, the subset is scored first and the
-        candidate stops there when its combined score is below `prune_below`."""
+        """Merge the candidate and evaluate it. With multi-fidelity and a pruner, the subset is scored
+        first and the candidate stops there when its combined score is below `prune_below`. Without a
+        pruner nothing would read the subset's score, so everything is scored in one pass (the same
+        metrics, exactly: the stages partition the sets)."""
         from .evaluation.evaluator import MetricError
         from .objectives import combined_score
 
@@ -127,7 +129,7 @@ class TrialWorker:
         out["merge_s"] = t1 - t0
         try:
             ev = self.evaluator
-            if ev.multi_fidelity:
+            if ev.multi_fidelity and self.space.search.pruner != "none":
                 first = ev.run("subset")
                 sub = ev.summarize(first)
                 sub["combined"] = combined_score(self.space, sub)
