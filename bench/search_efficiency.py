@@ -2,12 +2,12 @@
 
 A reference front comes from a dense grid of recipes: for every method of the space and a few
 densities, a shared weight per objective group (the helpful language experts, the safety expert) on
-7 levels across the weight range. Each sampler then runs the study from scratch, 3 seeds each, on the
+7 levels across the weight range. Each sampler then runs the study from scratch, 5 seeds each, on the
 same warm workers, and we count the trials it needs to reach 95% of the grid's hypervolume (helpfulness
 up, harm down, reference point (0, 1)). `cmaes` optimises the combined score, as mergekit-evolve and
 Sakana's evolutionary merging do; its hypervolume is read from the same two objectives.
 
-    python bench/search_efficiency.py [--budget 60] [--seeds 3] [--samplers tpe,nsga2,gp,random,cmaes]
+    python bench/search_efficiency.py [--budget 60] [--seeds 5] [--samplers tpe,nsga2,gp,random,cmaes]
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="search_spaces/safety_multilingual.yaml")
     ap.add_argument("--budget", type=int, default=60, help="trials per sampler run")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--samplers", default="tpe,nsga2,gp,random,cmaes")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--samplers", default="cmaes,tpe,nsga2,gp,random")
     ap.add_argument("--levels", type=int, default=7, help="grid points per objective group")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default="runs/bench/search_efficiency.json")
@@ -155,10 +155,11 @@ def main() -> None:
               f"{s['mean_final_share']:.1%} of the grid after {args.budget}; best combined {s['mean_best_combined']:+.3f}")
     by = {s["sampler"]: s["mean_trials_to_95"] for s in summary}
     if default in by:
-        others = {k: v for k, v in by.items() if k in ("random", "cmaes")}
-        ok = by[default] <= 40 and all(by[default] <= v for v in others.values())
-        print(f"default sampler {default}: {by[default]:.1f} trials (target <= 40 and no more than "
-              f"{', '.join(f'{k} {v:.1f}' for k, v in others.items())}): {'met' if ok else 'NOT met'}")
+        others = {k: v for k, v in by.items() if k != default}
+        ok = by[default] <= 40 and all(by[default] <= by[k] for k in ("random", "cmaes") if k in by)
+        print(f"default sampler {default}: {by[default]:.1f} trials (target: <= 40, and no more than random search "
+              f"and scalarized CMA-ES): {'met' if ok else 'NOT met'}; the others: "
+              f"{', '.join(f'{k} {v:.1f}' for k, v in others.items())}")
     out = Path(args.json)
     plot(curves, ref_hv, out.with_suffix(".png"))
     write_json(out, {"machine": m, "space": args.space, "budget": args.budget, "seeds": args.seeds,

@@ -41,7 +41,8 @@ def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, sigma0=1 / 6, warn_independent_sampling=False)
+        # starts at the centre of the (normalised) box with a step of 1/6 of its width: Optuna's defaults
+        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
     if s.sampler == "grid":
         import numpy as np
 
