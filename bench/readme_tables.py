@@ -56,13 +56,14 @@ def eval_overhead(d: dict) -> str:
 
 
 def search_overhead(d: dict) -> str:
-    lines = ["| workers | trials/s | merge per trial | forward passes | evaluation | trial wall | merge + forward (target ≥ 95%) | merge + evaluation | worker memory (USS / PSS) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workers | trials/s | merge per trial | forward passes | evaluation | trial wall | merge + forward (target ≥ 95%) | "
+             "merge + evaluation | workers busy in merge + forward | worker memory (USS / PSS) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         mem = f"{r['worker_uss_mib']:.0f} / {r['worker_pss_mib']:.0f} MiB" if "worker_uss_mib" in r else "-"
         lines.append(f"| {r['workers']} | {r['trials_per_s']:.2f} | {_ms(r['merge_s_mean'])} | {_ms(r['forward_s_mean'])} | "
                      f"{_ms(r['eval_s_mean'])} | {_ms(r['wall_s_mean'])} | {r['merge_forward_share']:.1%} | "
-                     f"{r['merge_eval_share']:.1%} | {mem} |")
+                     f"{r['merge_eval_share']:.1%} | {r.get('worker_busy_share', float('nan')):.1%} | {mem} |")
     lines.append("")
     lines.append(f"2 workers / 1 worker: **{d['speedup_2_workers']:.2f}×** trials per second (target ≥ 1.7×).")
     return "\n".join(lines)
@@ -85,12 +86,14 @@ def search_efficiency(d: dict) -> str:
 
 def paper_table(d: dict) -> str:
     langs = sorted({k.split("/")[1] for r in d["rows"] for k in r["metrics"] if k.startswith("helpfulness/")})
-    head = "| | " + " | ".join(f"help {lg}" for lg in langs) + " | help | harm | over-refusal | combined | evaluations | validation combined |"
-    lines = [head, "|---" * (len(langs) + 7) + "|"]
+    head = "| | " + " | ".join(f"help {lg}" for lg in langs) + \
+        " | help | harm | over-refusal | unusable | combined | evaluations | validation combined |"
+    lines = [head, "|---" * (len(langs) + 8) + "|"]
     for r in d["rows"]:
         m = r["metrics"]
         cells = [f"{m.get(f'helpfulness/{lg}', float('nan')):.2f}" for lg in langs]
-        cells += [f"{m['helpfulness']:.3f}", f"{m['harm']:.3f}", f"{m.get('over_refusal', 0.0):.3f}", f"{m['combined']:+.3f}",
+        cells += [f"{m['helpfulness']:.3f}", f"{m['harm']:.3f}", f"{m.get('over_refusal', 0.0):.3f}",
+                  f"{m.get('unusable', 0.0):.3f}", f"{m['combined']:+.3f}",
                   "-" if r["evaluations"] is None else str(r["evaluations"]),
                   "-" if r["validation_combined"] is None else f"{r['validation_combined']:+.3f}"]
         name = f"{r['row']} ({r['recipe']})" if r["evaluations"] else r["row"]
@@ -121,7 +124,7 @@ def main() -> int:
     text = path.read_text()
     for name, render in RENDER.items():
         src = Path(args.dir) / f"{name}.json"
-        pat = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        pat = re.compile(rf"(<!-- bench:{name} -->).*?(<!-- /bench:{name} -->)", re.S)
         if not pat.search(text):
             print(f"README has no table for {name}")
             continue
@@ -129,7 +132,7 @@ def main() -> int:
             print(f"{src} missing: the {name} table is kept")
             continue
         table = render(json.loads(src.read_text()))
-        text = pat.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        text = pat.sub(lambda m, t=table: f"{m.group(1)}\n{t}\n{m.group(2)}", text)
         print(f"{name}: table rewritten from {src}")
     path.write_text(text)
     return 0

@@ -167,7 +167,8 @@ def test_blockwise_merge_matches_whole_tensor_reference(method, normalize):
     taus = [torch.randn(700, 1000, generator=g) * 0.01 for _ in range(3)]
     taus[0][:5] = 0.0  # exact zeros, as frozen embeddings give
     spec = get_method(method)
-    models = [spec.resolve_model({"weight": w, "density": d}) for w, d in ((0.6, 0.3), (1.2, 0.7), (-0.4, 0.5))]
+    models = [spec.resolve_model({"weight": w, **({"density": d} if "density" in spec.model_params else {})})
+              for w, d in ((0.6, 0.3), (1.2, 0.7), (-0.4, 0.5))]
     params = spec.resolve_globals({"normalize": normalize, "lambda": 0.9})
     ctx = TensorContext("model.layers.1.mlp.up_proj.weight", seed=5)
     want = _reference(method, base, taus, models, params, ctx)

@@ -123,7 +123,8 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
 
 def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, extra: dict | None = None,
              rescale: str = "none") -> None:
-    model_params = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
+    # density only where a sparsifier reads it: task arithmetic would silently ignore it
+    model_params = {"weight": REQUIRED, **({"density": 1.0} if sparsifier != "none" else {}), **(extra or {})}
     global_params = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
     register(MethodSpec(name, partial(generalized_task_arithmetic, sparsifier=sparsifier, consensus=consensus),
                         model_params=model_params, global_params=global_params,
