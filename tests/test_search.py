@@ -93,6 +93,28 @@ def test_pruner_stops_a_candidate_on_the_subset_and_without_one_a_candidate_is_s
             assert whole["metrics"][k] == pytest.approx(v, abs=1e-9), k
 
 
+def test_a_timeout_leaves_no_trial_running_and_the_next_run_reuses_what_was_asked(test_zoo: Path, tmp_path: Path):
+    """With two workers each worker's next candidate is asked ahead; when the study stops on its
+    timeout, those never-started candidates are failed as interrupted (not counted) and enqueued, so
+    the next run starts them first."""
+    import optuna
+
+    space = _test_space(tmp_path, n_trials=200, workers=2, timeout=4)
+    run = tmp_path / "run"
+    r = _optimize("--space", str(space), "--run-dir", str(run), "--no-export")
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'study.db'}")
+    S = optuna.trial.TrialState
+    states = [t.state for t in study.trials]
+    assert S.RUNNING not in states and states.count(S.COMPLETE) >= 2
+    unstarted = [t for t in study.trials if t.user_attrs.get("reason", "").startswith("not started")]
+    waiting = [t for t in study.trials if t.state == S.WAITING]
+    assert unstarted  # each busy worker had its next candidate asked when the time ran out
+    queued = {tuple(sorted(t.system_attrs["fixed_params"].items())) for t in waiting}
+    assert {tuple(sorted(t.params.items())) for t in unstarted} <= queued
+    assert all(t.user_attrs.get("interrupted") for t in unstarted)
+
+
 def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Path):
     space = _test_space(tmp_path, n_trials=1, workers=1)
     run = tmp_path / "run"

@@ -397,7 +397,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
 
     try:
         while True:
-            for slot in [x for x in free if x in ahead]:  # a candidate already asked for this slot
+            for slot in [x for x in free if x in ahead and time.perf_counter() < deadline]:  # asked already
                 free.remove(slot)
                 submit(slot, ahead.pop(slot))
             while free and room():
@@ -422,7 +422,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
             wall = time.perf_counter() - t_sub
             if result.get("worker_died"):
                 pending[pool.probe(slot)] = (None, slot, time.perf_counter())
-            elif slot in ahead:  # start the worker's next candidate before any bookkeeping
+            elif slot in ahead and time.perf_counter() < deadline:  # start it before any bookkeeping
                 submit(slot, ahead.pop(slot))
             else:
                 free.append(slot)
