@@ -60,6 +60,22 @@ def ray_pool(space: Space, workers: int):
     return RayPool(space, workers, None)
 
 
+def recipe_params(space: Space, method: str, weights: dict[str, float], density: float = 1.0) -> dict[str, Any]:
+    """A trial's parameters for one hand-picked recipe: these weights per model, one density for all,
+    and every coefficient (lambda, language, objective) at 1, each clipped to its range."""
+    out: dict[str, Any] = {}
+    for name, d in space.distributions().items():
+        if name == "method":
+            out[name] = method
+        elif name.startswith("weight/"):
+            out[name] = weights[name.split("/")[1]]
+        elif name.startswith("density/"):
+            out[name] = min(max(density, d.low), d.high)
+        else:
+            out[name] = min(max(1.0, d.low), d.high)
+    return out
+
+
 def run_recipes(space: Space, params: list[dict[str, Any]], run_dir: Path, pool) -> optuna.Study:
     """Evaluate exactly these parameter sets (validation split), one trial each, on the pool."""
     from mergeopt.search import open_study, run_study

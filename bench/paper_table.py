@@ -20,25 +20,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import completed, machine, machine_line, ray_pool, run_recipes, with_search, write_json  # noqa: E402
+from common import (  # noqa: E402
+    completed,
+    machine,
+    machine_line,
+    ray_pool,
+    recipe_params,
+    run_recipes,
+    with_search,
+    write_json,
+)
 
 from mergeopt.space import Space, load_space  # noqa: E402
 
 GRID = (0.0, 0.3, 0.5, 0.7, 1.0)
-
-
-def params_for(space: Space, method: str, weights: dict[str, float], density: float = 1.0) -> dict:
-    out: dict = {}
-    for name, d in space.distributions().items():
-        if name == "method":
-            out[name] = method
-        elif name.startswith("weight/"):
-            out[name] = weights[name.split("/")[1]]
-        elif name.startswith("density/"):
-            out[name] = min(max(density, d.low), d.high)
-        else:
-            out[name] = min(max(1.0, d.low), d.high)
-    return out
 
 
 def best_on_validation(space: Space, candidates: list[dict], run_dir: Path, pool):
@@ -98,20 +93,20 @@ def main() -> None:
     pool = ray_pool(space, args.workers)
     try:
         with tempfile.TemporaryDirectory() as d:
-            grid = [params_for(space, "task_arithmetic", {**dict.fromkeys(helpful, h), **dict.fromkeys(safety, s)})
+            grid = [recipe_params(space, "task_arithmetic", {**dict.fromkeys(helpful, h), **dict.fromkeys(safety, s)})
                     for h in GRID for s in GRID]
             best, n = best_on_validation(space, grid, Path(d) / "objective", pool)
             w = {k: best.params[f"weight/{k}"] for k in keys}
             add_trial("objective merge (task arithmetic, grid)", best, n,
                       f"helpful {w[helpful[0]]:g}, safety {w[safety[0]]:g}")
             if "ties" in space.methods:
-                cands = [params_for(space, "ties", dict.fromkeys(keys, 1.0), dens) for dens in (0.3, 0.5, 0.7)]
+                cands = [recipe_params(space, "ties", dict.fromkeys(keys, 1.0), dens) for dens in (0.3, 0.5, 0.7)]
                 best, n = best_on_validation(space, cands, Path(d) / "language", pool)
                 add_trial("language merge (TIES, language + safety experts)", best, n,
                           f"weights 1, density {best.params[f'density/{keys[0]}']:g}")
             if "dare_linear" in space.methods:
                 for p in (0.5, 0.9):
-                    best, n = best_on_validation(space, [params_for(space, "dare_linear", dict.fromkeys(keys, 1.0), 1 - p)],
+                    best, n = best_on_validation(space, [recipe_params(space, "dare_linear", dict.fromkeys(keys, 1.0), 1 - p)],
                                                  Path(d) / f"dare{p}", pool)
                     add_trial(f"DARE p = {p} (task arithmetic, all experts)", best, n, f"weights 1, drop {p}")
             s = with_search(space, n_trials=args.trials)

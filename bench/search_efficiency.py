@@ -21,7 +21,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import completed, hv_curve, machine, machine_line, ray_pool, run_recipes, with_search, write_json  # noqa: E402
+from common import (  # noqa: E402
+    completed,
+    hv_curve,
+    machine,
+    machine_line,
+    ray_pool,
+    recipe_params,
+    run_recipes,
+    with_search,
+    write_json,
+)
 
 from mergeopt.objectives import hypervolume, objective_values  # noqa: E402
 from mergeopt.space import Range, Space, load_space  # noqa: E402
@@ -32,7 +42,6 @@ TARGET = 0.95
 def reference_grid(space: Space, levels: int = 7) -> list[dict]:
     """Recipes on a grid: per method (and density for the sparsifying ones), one weight per objective
     group on `levels` points spanning the weight range; coefficients at 1."""
-    dists = space.distributions()
     groups: dict[str, list[str]] = {}
     for m in space.models:
         groups.setdefault(m.objective or m.key, []).append(m.key)
@@ -45,17 +54,7 @@ def reference_grid(space: Space, levels: int = 7) -> list[dict]:
         for d in densities.get(method, [1.0]):
             for combo in np.array(np.meshgrid(*[values] * len(groups), indexing="ij")).reshape(len(groups), -1).T:
                 weights = {k: float(v) for g, v in zip(groups.values(), combo, strict=True) for k in g}
-                p: dict = {}
-                for name, dist in dists.items():
-                    if name == "method":
-                        p[name] = method
-                    elif name.startswith("weight/"):
-                        p[name] = weights[name.split("/")[1]]
-                    elif name.startswith("density/"):
-                        p[name] = min(max(d, dist.low), dist.high)
-                    else:  # lambda and coefficients at 1, inside their range
-                        p[name] = min(max(1.0, dist.low), dist.high)
-                out.append(p)
+                out.append(recipe_params(space, method, weights, d))
     return out
 
 
