@@ -41,7 +41,9 @@ def _merges(root: Path) -> dict[str, dict]:
     for i, (method, w) in enumerate([("task_arithmetic", 0.7), ("ties", 1.0), ("dare_linear", 0.5)]):
         recipe = Recipe.model_validate({
             "merge_method": method, "base_model": str(root / "models" / "base"), "seed": i,
-            "models": [{"model": str(root / "models" / e), "parameters": {"weight": w, "density": 0.5}} for e in experts]})
+            "models": [{"model": str(root / "models" / e),
+                        "parameters": {"weight": w, **({"density": 0.5} if method != "task_arithmetic" else {})}}
+                       for e in experts]})
         merger = ResidentMerger(*open_models(recipe))
         out[f"{method} {w}"] = dict(merger.merged(recipe))
     return out
