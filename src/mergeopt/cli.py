@@ -234,11 +234,11 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .search import finished, front_stats
+    from .search import Front, finished
 
     space, study = _load_run(args.run_dir)
     done = len(finished(study))
-    best, front_n, hv = front_stats(space, study)
+    best, front_n, hv = Front(space, study).stats()
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1

@@ -176,13 +176,25 @@ class Progress:
     hypervolume: float = 0.0
 
 
-def front_stats(space: Space, study: optuna.Study) -> tuple[float, int, float]:
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if not done:
-        return float("-inf"), 0, 0.0
-    vals = [objective_values(space, t.user_attrs["metrics"]) for t in done]
-    best = max(t.user_attrs["metrics"]["combined"] for t in done)
-    return best, int(pareto_mask(space, vals).sum()), hypervolume(space, vals)
+class Front:
+    """The finished trials' objective values and best combined score, kept by the driver as results
+    arrive, so progress costs no storage read per trial."""
+
+    def __init__(self, space: Space, study: optuna.Study):
+        self.space = space
+        self.values: list[list[float]] = []
+        self.best = float("-inf")
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            self.add(t.user_attrs["metrics"])
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.values.append(objective_values(self.space, metrics))
+        self.best = max(self.best, metrics["combined"])
+
+    def stats(self) -> tuple[float, int, float]:
+        if not self.values:
+            return float("-inf"), 0, 0.0
+        return self.best, int(pareto_mask(self.space, self.values).sum()), hypervolume(self.space, self.values)
 
 
 def prune_threshold(space: Space, study: optuna.Study) -> float | None:
@@ -362,7 +374,8 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     (run_dir / "space.json").write_text(json.dumps(space.model_dump(mode="json", by_alias=True), indent=2))
     prog = Progress(total=n_trials)
     prog.done = len(finished(study))
-    prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
+    front = Front(space, study)
+    prog.best_combined, prog.front_size, prog.hypervolume = front.stats()
     if on_progress:
         on_progress(prog)
     if prog.done >= n_trials or pool is None:
@@ -426,9 +439,11 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
                 submit(slot, ahead.pop(slot))
             else:
                 free.append(slot)
-            _tell(space, study, trial, result, wall)
-            prog.done = len(finished(study))
-            prog.best_combined, prog.front_size, prog.hypervolume = front_stats(space, study)
+            if _tell(space, study, trial, result, wall):
+                prog.done += 1
+            if result.get("state") == "complete":
+                front.add(result["metrics"])
+            prog.best_combined, prog.front_size, prog.hypervolume = front.stats()
             if on_progress:
                 on_progress(prog)
     finally:
@@ -439,7 +454,8 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     return study
 
 
-def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: dict, wall: float) -> None:
+def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: dict, wall: float) -> bool:
+    """Record a result; True when the trial counts toward n_trials (not one that runs again)."""
     for key in ("worker", "merge_s", "eval_s", "forward_s", "subset", "reason"):
         if key in result:
             trial.set_user_attr(key, result[key])
@@ -451,16 +467,20 @@ def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: 
         trial.set_user_attr("metrics", m)
         values = [combined_score(space, m)] if space.search.sampler == "cmaes" else objective_values(space, m)
         study.tell(trial, values)
-    elif state == "pruned":
+        return True
+    if state == "pruned":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        trial.set_user_attr("reason", result.get("reason", "unknown failure"))
-        if result.get("worker_died"):
-            retries = int(trial.user_attrs.get("retries", 0))
-            if retries < MAX_RETRIES:  # not counted: its parameters run again, same seed, on a restarted worker
-                trial.set_user_attr("interrupted", True)
-                keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
-                study.enqueue_trial(trial.params, user_attrs={**keep, "retries": retries + 1})
-            else:
-                trial.set_user_attr("reason", f"{result.get('reason')}; gave up after {MAX_RETRIES} retries")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return True
+    counted = True
+    trial.set_user_attr("reason", result.get("reason", "unknown failure"))
+    if result.get("worker_died"):
+        retries = int(trial.user_attrs.get("retries", 0))
+        if retries < MAX_RETRIES:  # not counted: its parameters run again, same seed, on a restarted worker
+            trial.set_user_attr("interrupted", True)
+            keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
+            study.enqueue_trial(trial.params, user_attrs={**keep, "retries": retries + 1})
+            counted = False
+        else:
+            trial.set_user_attr("reason", f"{result.get('reason')}; gave up after {MAX_RETRIES} retries")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return counted
