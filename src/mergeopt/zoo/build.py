@@ -59,7 +59,9 @@ DATA_MIX = ExpertSpec("data_mix", None, "mixed", LANGUAGES, SAFETY_SHARE_MIX, st
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("MERGEOPT_ZOO_DIR", Path.home() / ".cache" / "mergeopt" / "zoo"))
+    """$MERGEOPT_ZOO_DIR, or ~/.cache/mergeopt/zoo when it is unset or empty (an empty value must not
+    put a zoo into the current folder)."""
+    return Path(os.environ.get("MERGEOPT_ZOO_DIR") or Path.home() / ".cache" / "mergeopt" / "zoo")
 
 
 def _code_digest() -> str:
