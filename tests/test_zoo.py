@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +104,19 @@ def test_second_call_is_a_cache_hit(test_zoo: Path, zoo_root: Path):
                           "--quiet", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["key"] == test_zoo.name
+
+
+def test_a_killed_build_leaves_nothing_behind_but_a_running_one_is_kept(test_zoo: Path, zoo_root: Path):
+    dead = test_zoo.parent / f".tmp-{test_zoo.name}-{2**22 + 12345}"  # above Linux's pid limit: no such process
+    live = test_zoo.parent / f".tmp-{test_zoo.name}-{os.getpid()}"
+    for d in (dead, live):
+        (d / "models").mkdir(parents=True, exist_ok=True)
+    try:
+        assert build_zoo("test", seed=0, root=zoo_root) == test_zoo  # a cache hit still clears dead builds
+        assert not dead.exists() and live.exists()
+    finally:
+        for d in (dead, live):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_same_seed_builds_identical_zoo(test_zoo: Path, tmp_path: Path):

@@ -217,12 +217,25 @@ def _merge_checks(models_dir: Path, world: World, seed: int) -> dict:
     return out
 
 
+def _clear_dead_builds(final: Path) -> None:
+    """Remove the temporary folders of builds of this zoo whose process is gone (killed mid-build);
+    a build still running in another process keeps its folder."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            os.kill(int(stale.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge: a name we did not write, or another user's live process
+
+
 def build_zoo(size: str = "default", seed: int = 0, root: Path | None = None, *, progress: bool = True,
               force: bool = False) -> Path:
     """Return the zoo folder for (size, seed), building it when it is not cached."""
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; expected one of {sorted(SIZES)}")
     final = zoo_dir(size, seed, root)
+    _clear_dead_builds(final)
     if (final / "zoo.json").exists() and not force:
         return final
     from transformers import LlamaForCausalLM
