@@ -96,7 +96,7 @@ def paper_table(d: dict) -> str:
                   f"{m.get('unusable', 0.0):.3f}", f"{m['combined']:+.3f}",
                   "-" if r["evaluations"] is None else str(r["evaluations"]),
                   "-" if r["validation_combined"] is None else f"{r['validation_combined']:+.3f}"]
-        name = f"{r['row']} ({r['recipe']})" if r["evaluations"] else r["row"]
+        name = f"{r['row']}: {r['recipe']}" if r["evaluations"] else r["row"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
