@@ -37,15 +37,14 @@ def _merges(root: Path) -> dict[str, dict]:
     from mergeopt.recipe import Recipe
 
     experts = ["help_en", "help_fr", "help_es", "safety"]
-    out = {}
-    for i, (method, w) in enumerate([("task_arithmetic", 0.7), ("ties", 1.0), ("dare_linear", 0.5)]):
-        recipe = Recipe.model_validate({
-            "merge_method": method, "base_model": str(root / "models" / "base"), "seed": i,
-            "models": [{"model": str(root / "models" / e),
-                        "parameters": {"weight": w, **({"density": 0.5} if method != "task_arithmetic" else {})}}
-                       for e in experts]})
-        merger = ResidentMerger(*open_models(recipe))
-        out[f"{method} {w}"] = dict(merger.merged(recipe))
+    recipes = [Recipe.model_validate({
+        "merge_method": method, "base_model": str(root / "models" / "base"), "seed": i,
+        "models": [{"model": str(root / "models" / e),
+                    "parameters": {"weight": w, **({"density": 0.5} if method != "task_arithmetic" else {})}}
+                   for e in experts]})
+        for i, (method, w) in enumerate([("task_arithmetic", 0.7), ("ties", 1.0), ("dare_linear", 0.5)])]
+    merger = ResidentMerger(*open_models(recipes[0]))  # the same models: task vectors loaded once
+    out = {f"{r.merge_method} {r.models[0].parameters['weight']}": dict(merger.merged(r)) for r in recipes}
     return out
 
 

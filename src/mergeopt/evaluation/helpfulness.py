@@ -7,10 +7,33 @@ import contextlib
 import io
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..errors import UserError
+
+
+class _DocMemo:
+    """Values computed from a resident document (lm-eval's documents are kept as the same objects for
+    the life of a worker): keyed by the object's id and an extra key, and checked against the object
+    itself, so an id reused by a new object never hits. Bounded: documents that are not resident come
+    as new objects on every call."""
+
+    def __init__(self, limit: int = 200_000):
+        self._values: dict[tuple[int, Any], tuple[Any, Any]] = {}
+        self._limit = limit
+
+    def get(self, doc: Any, extra: Any, compute: Callable[[], Any]) -> Any:
+        key = (id(doc), extra)
+        hit = self._values.get(key)
+        if hit is None or hit[0] is not doc:
+            if len(self._values) > self._limit:
+                self._values.clear()
+            hit = (doc, compute())
+            self._values[key] = hit
+        return hit[1]
 
 
 def _cache_lm_eval_templates() -> None:
@@ -26,18 +49,10 @@ def _cache_lm_eval_templates() -> None:
     if getattr(u.apply_template, "_mergeopt_cached", False):
         return
     compiled = functools.lru_cache(maxsize=4096)(u.env.from_string)
-    rendered: dict[tuple[str, int], tuple[dict, str]] = {}
+    rendered = _DocMemo()
 
     def apply_template(template: str, doc: dict) -> str:
-        key = (template, id(doc))
-        hit = rendered.get(key)
-        if hit is not None and hit[0] is doc:
-            return hit[1]
-        text = compiled(template).render(**doc)
-        if len(rendered) > 200_000:  # documents that are not resident come as new objects each call
-            rendered.clear()
-        rendered[key] = (doc, text)
-        return text
+        return rendered.get(doc, template, lambda: compiled(template).render(**doc))
 
     apply_template._mergeopt_cached = True  # type: ignore[attr-defined]
     u.apply_template = apply_template
@@ -51,7 +66,7 @@ class _DocJson:
     def __init__(self) -> None:
         import json
 
-        self._json, self._texts = json, {}
+        self._json, self._texts = json, _DocMemo()
 
     def __getattr__(self, name: str):
         return getattr(self._json, name)
@@ -59,14 +74,7 @@ class _DocJson:
     def dumps(self, obj, **kw) -> str:
         if not isinstance(obj, dict):
             return self._json.dumps(obj, **kw)
-        key = (id(obj), kw.get("indent"), kw.get("ensure_ascii", True))
-        hit = self._texts.get(key)
-        if hit is None or hit[0] is not obj:
-            if len(self._texts) > 200_000:
-                self._texts.clear()
-            hit = (obj, self._json.dumps(obj, **kw))
-            self._texts[key] = hit
-        return hit[1]
+        return self._texts.get(obj, (kw.get("indent"), kw.get("ensure_ascii", True)), lambda: self._json.dumps(obj, **kw))
 
 
 def _cache_document_json() -> None:
@@ -134,8 +142,9 @@ def _make_resident(task) -> None:
     lm-eval re-reads the documents through `datasets` and rebuilds every request (prompt rendering,
     few-shot sampling) on each `evaluate` call. A search scores the same documents hundreds of times,
     so the documents are held as a list, the requests built once per document selection (each call
-    starts from empty responses), and each (document, response) scored once. A side effect that a search needs: a few-shot task gives every
-    candidate the same prompts, where lm-eval's sampler would draw new shots on each call."""
+    starts from empty responses), and each (document, response) scored once. A side effect that a
+    search needs: a few-shot task gives every candidate the same prompts, where lm-eval's sampler would
+    draw new shots on each call."""
     docs = list(task.eval_docs)
     setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda: docs)
     build = task.build_all_requests
@@ -156,17 +165,10 @@ def _make_resident(task) -> None:
     # Scoring a response is a pure function of the document and the response, and candidates of one
     # search often give the same answers: keep the scores (keyed by the resident document itself).
     score = task.process_results
-    scored: dict[tuple[int, str], tuple[dict, dict]] = {}
+    scored = _DocMemo()
 
     def process_results(doc: dict, results: list) -> dict:
-        key = (id(doc), repr(results))
-        hit = scored.get(key)
-        if hit is None or hit[0] is not doc:
-            if len(scored) > 200_000:
-                scored.clear()
-            hit = (doc, score(doc, results))
-            scored[key] = hit
-        return dict(hit[1])
+        return dict(scored.get(doc, repr(results), lambda: score(doc, results)))
 
     task.process_results = process_results
 
