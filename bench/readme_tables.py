@@ -23,13 +23,15 @@ def _ms(s: float) -> str:
 
 def merge_speed(d: dict) -> str:
     lines = [f"copy bandwidth {d['machine']['copy_gbps']:.1f} GB/s, {d['machine']['cores']} cores, one thread",
-             "", "| model | method | per candidate | bound | × bound (target) | `mergekit-yaml` (speed-up) |",
-             "|---|---|---|---|---|---|"]
+             "", "| model | method | kernel | per candidate | bound | × bound (target) | first merge | "
+             "`mergekit-yaml` (speed-up) |", "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         size = "zoo" if r["model"] == "zoo" else f"synthetic {r['params'] / 1e6:.0f}M"
         mk = f"{r['mergekit_seconds']:.2f} s ({r['speedup_vs_mergekit']:.0f}×)" if r.get("mergekit_seconds") else "-"
-        lines.append(f"| {size} ({r['params'] / 1e6:.2f}M params) | {r['method']} | {_ms(r['seconds'])} | "
-                     f"{_ms(r['bound_seconds'])} | {r['x_bound']:.2f}× (≤ {r['target_x_bound']:g}×) | {mk} |")
+        first = f"{r['first_seconds']:.2f} s" if "first_seconds" in r else "-"
+        lines.append(f"| {size} ({r['params'] / 1e6:.2f}M params) | {r['method']} | {r.get('kernel', '-')} | "
+                     f"{_ms(r['seconds'])} | {_ms(r['bound_seconds'])} | {r['x_bound']:.2f}× (≤ {r['target_x_bound']:g}×) "
+                     f"| {first} | {mk} |")
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused import CHUNK
 from .registry import REQUIRED, MethodSpec, TensorContext, register
-from .task_arithmetic import CHUNK
 
 
 def linear(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict, ctx: TensorContext) -> torch.Tensor:

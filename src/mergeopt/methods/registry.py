@@ -3,12 +3,13 @@ and parameters. Nothing here knows about files, Optuna or Ray."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from . import rng
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,10 @@ class TensorContext:
             self.memo[full] = compute()
         return self.memo[full]
 
-    def generator(self, model_index: int) -> torch.Generator:
-        """A CPU generator seeded by (seed, tensor name, model index): the same mask whatever the
-        tensor order, the process or the device the merge runs on."""
-        digest = hashlib.sha256(f"{self.seed}/{self.name}/{model_index}".encode()).digest()
-        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    def mask_key(self, model_index: int) -> tuple[int, int]:
+        """The key of this tensor's random mask for one model, from (seed, tensor name, model index):
+        the same mask whatever the tensor order, the process or the device the merge runs on."""
+        return rng.mask_key(self.seed, self.name, model_index)
 
 
 # base tensor, task vectors, per-model parameters, global parameters, context -> merged tensor

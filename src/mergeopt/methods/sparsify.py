@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import rng
+
 RESCALE_MODES = ("inverse", "l1", "none")
 
 
@@ -53,17 +55,18 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float) -> torch.T
     return out.reshape(x.shape)
 
 
-def bernoulli(x: torch.Tensor, density: float, gen: torch.Generator, rescale: str) -> torch.Tensor:
-    """DARE: drop each entry with probability p = 1 - density, rescale the survivors."""
+def bernoulli(x: torch.Tensor, density: float, key: tuple[int, int], rescale: str) -> torch.Tensor:
+    """DARE: drop each entry with probability p = 1 - density, rescale the survivors. Entry i is kept
+    when its counter-based random bits (`rng`) fall below density * 2**24."""
     if density >= 1:
         return x
     if density <= 0:
         return torch.zeros_like(x)
-    keep = torch.rand(x.shape, generator=gen, dtype=torch.float32).to(x.device) < density
+    keep = (rng.block_bits(key, 0, x.numel(), x.device) < rng.keep_threshold(density)).view(x.shape)
     return _rescale(x, x * keep, density, rescale)
 
 
-def della_magprune(x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: str) -> torch.Tensor:
+def della_magprune(x: torch.Tensor, density: float, epsilon: float, key: tuple[int, int], rescale: str) -> torch.Tensor:
     """DELLA: keep probabilities ranked by magnitude within each row, from density - epsilon (smallest)
     to density + epsilon (largest); survivors rescaled."""
     if density >= 1:
@@ -77,7 +80,7 @@ def della_magprune(x: torch.Tensor, density: float, epsilon: float, gen: torch.G
     ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1, stable=True), dim=1).float()
     rn = (ranks / max(1, n - 1)).clamp(0, 1)
     p_keep = (density - epsilon) + 2 * epsilon * rn
-    keep = torch.rand(rows.shape, generator=gen, dtype=torch.float32).to(x.device) < p_keep.to(x.device)
+    keep = rng.uniform(key, rows.numel(), x.device).view(rows.shape) < p_keep.to(x.device)
     kept = rows * keep
     out = _rescale(rows, kept, p_keep.to(x.dtype).to(x.device), rescale) if rescale == "inverse" else _rescale(rows, kept, 1.0, rescale)
     return out.reshape(x.shape)

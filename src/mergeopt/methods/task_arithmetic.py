@@ -14,68 +14,39 @@ from functools import partial
 
 import torch
 
-from . import sparsify
+from . import fused, rng, sparsify
 from .registry import REQUIRED, MethodSpec, TensorContext, register
-
-CHUNK = 1 << 18  # elements per block: a block of every task vector stays in cache across the passes
 
 
 def _sparsify(kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorContext, i: int) -> torch.Tensor:
-    """Whole-tensor sparsification (the reference path, and the one for rules that need the whole tensor)."""
-    if kind == "none":
-        return tau
+    """Whole-tensor sparsification, for the rules that need the whole tensor (breadcrumbs' ranks, DELLA's
+    rows, the L1 rescale) and for the TIES trim when magnitudes tie at the threshold."""
     if kind == "magnitude":
         return sparsify.magnitude(tau, m["density"])
     if kind == "outliers":
         return sparsify.magnitude_outliers(tau, m["density"], m["gamma"])
     if kind == "bernoulli":
-        return sparsify.bernoulli(tau, m["density"], ctx.generator(i), params["rescale"])
+        return sparsify.bernoulli(tau, m["density"], ctx.mask_key(i), params["rescale"])
     if kind == "della":
-        return sparsify.della_magprune(tau, m["density"], m["epsilon"], ctx.generator(i), params["rescale"])
+        return sparsify.della_magprune(tau, m["density"], m["epsilon"], ctx.mask_key(i), params["rescale"])
     raise ValueError(kind)
 
 
-class _Blockwise:
-    """Per-block view of one sparsified task vector, so that the merge streams through memory once.
-
-    DARE masks are drawn block after block from the same generator, which yields exactly the numbers a
-    single whole-tensor draw would. The TIES trim keeps |tau| >= the k-th largest magnitude (exact k
-    unless non-zero magnitudes tie at the threshold, where the whole-tensor path is used instead)."""
-
-    def __init__(self, kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorContext, i: int):
-        self.flat = tau.reshape(-1)
-        self.kind, self.scale, self.keep_prob, self.threshold, self.gen = kind, 1.0, 1.0, None, None
-        density = float(m.get("density", 1.0))
-        if kind == "bernoulli" and density < 1:
-            if density <= 0:
-                self.kind = "zero"
-            else:
-                self.gen, self.keep_prob, self.scale = ctx.generator(i), density, 1.0 / density
-        elif kind == "magnitude" and density < 1:
-            n = self.flat.numel()
-            if density <= 0 or n == 0:
-                self.kind = "zero"
-            else:
-                k = max(1, int(density * n))
-                ranked = ctx.remember(("abs_sorted", i), lambda: torch.sort(self.flat.abs().float()).values)
-                thr = ranked[n - k]
-                if thr > 0 and n - k > 0 and ranked[n - k - 1] == thr:  # ties at the threshold: exact top-k instead
-                    self.kind, self.flat = "dense", sparsify.magnitude(tau, density).reshape(-1)
-                else:
-                    self.threshold = float(thr)
-        else:
-            self.kind = "dense"
-
-    def block(self, s: int, e: int) -> torch.Tensor | None:
-        x = self.flat[s:e]
-        if self.kind == "zero":
-            return None
-        if self.gen is not None:
-            keep = torch.rand(e - s, generator=self.gen, dtype=torch.float32).to(x.device) < self.keep_prob
-            return x * keep
-        if self.threshold is not None:
-            return x * (x.abs() >= self.threshold)
-        return x
+def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, i: int) -> float | None:
+    """The TIES trim as a threshold: keep |tau| >= the k-th largest magnitude, k = max(1, floor(density
+    * N)). None when non-zero magnitudes tie at the threshold (then exactly k are kept by the
+    whole-tensor rule instead). The sorted magnitudes depend on the task vector alone and are memoised."""
+    n = tau.numel()
+    if density >= 1:
+        return 0.0
+    if density <= 0 or n == 0:
+        return float("inf")
+    k = max(1, int(density * n))
+    ranked = ctx.remember(("abs_sorted", i), lambda: torch.sort(tau.reshape(-1).abs().float()).values)
+    thr = ranked[n - k]
+    if thr > 0 and n - k > 0 and ranked[n - k - 1] == thr:
+        return None
+    return float(thr)
 
 
 def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict,
@@ -86,39 +57,35 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
     if not taus:
         out.copy_(base)
         return out
-    blockwise = sparsifier in ("none", "magnitude") or (sparsifier == "bernoulli" and params["rescale"] != "l1")
-    if blockwise:
-        parts = [_Blockwise(sparsifier, t, m, params, ctx, i) for i, (t, m) in enumerate(zip(taus, models, strict=True))]
-    else:  # rules that need the whole tensor (breadcrumbs' ranks, DELLA's rows, L1 rescale)
-        dense = [_sparsify(sparsifier, t, m, params, ctx, i) for i, (t, m) in enumerate(zip(taus, models, strict=True))]
-        parts = [_Blockwise("none", d, {}, params, ctx, i) for i, d in enumerate(dense)]
-    b_flat, o_flat, n = base.reshape(-1), out.view(-1), base.numel()
+    k = len(taus)
+    inputs, coef, thr, keep = list(taus), [1.0] * k, [0.0] * k, [rng.ONE] * k
+    mask = {"none": "none", "magnitude": "threshold", "bernoulli": "random"}.get(sparsifier, "none")
+    if sparsifier == "bernoulli" and params["rescale"] == "l1":
+        mask = "none"
+    for i, (t, m) in enumerate(zip(taus, models, strict=True)):
+        density = float(m.get("density", 1.0))
+        if mask == "threshold":
+            th = _magnitude_threshold(t, density, ctx, i)
+            if th is None:
+                inputs[i] = _sparsify("magnitude", t, m, params, ctx, i)
+            else:
+                thr[i] = th
+        elif mask == "random":
+            keep[i] = rng.keep_threshold(density) if density < 1 else rng.ONE
+            if 0 < density < 1 and params["rescale"] == "inverse":
+                coef[i] = 1.0 / density
+        elif sparsifier != "none":  # whole-tensor rules, merged without a mask
+            inputs[i] = _sparsify(sparsifier, t, m, params, ctx, i)
     total = sum(weights)
-    w_t = torch.tensor(weights, dtype=base.dtype, device=base.device).view(-1, 1)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        blocks = [p.block(s, e) for p in parts]
-        if not consensus:
-            scale = lam / (total if abs(total) >= 1e-8 else 1.0) if params["normalize"] else lam
-            acc = b_flat[s:e].clone()
-            for blk, p, w in zip(blocks, parts, weights, strict=True):
-                if blk is not None:
-                    acc.add_(blk, alpha=w * scale * p.scale)
-            o_flat[s:e] = acc
-            continue
-        stacked = torch.stack([blk * (w * p.scale) if blk is not None else torch.zeros_like(b_flat[s:e])
-                               for blk, p, w in zip(blocks, parts, weights, strict=True)])
-        elected_pos = stacked.sum(0) >= 0
-        sign = torch.sign(stacked)
-        agree = torch.where(elected_pos, sign == 1, sign == -1)
-        mixed = (stacked * agree).sum(0)
-        if params["normalize"]:
-            divisor = (agree * w_t).sum(0)
-            mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-        if lam != 1.0:
-            mixed = mixed * lam
-        o_flat[s:e] = b_flat[s:e] + mixed
-    return out
+    scale = 1.0 if consensus else (lam / (total if abs(total) >= 1e-8 else 1.0) if params["normalize"] else lam)
+    dev = base.device
+    args = fused.Args(coef=torch.tensor([c * w * scale for c, w in zip(coef, weights, strict=True)], device=dev),
+                      weight=torch.tensor(weights, device=dev), thr=torch.tensor(thr, device=dev),
+                      keep=torch.tensor(keep, dtype=torch.int32, device=dev),
+                      key=torch.tensor([ctx.mask_key(i) for i in range(k)], dtype=torch.int32, device=dev).view(k, 2),
+                      lam=torch.tensor(lam, device=dev))
+    plan = fused.Plan(mask=mask, consensus=consensus, normalize=bool(params["normalize"]) and consensus)
+    return fused.run(plan, out, base, inputs, args)
 
 
 def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, extra: dict | None = None,

@@ -1,0 +1,186 @@
+"""The task-arithmetic family as one fused pass over memory.
+
+`merge_pass` computes, for every entry, trim or random drop, weighting, TIES sign election, disjoint
+mean and the final add to the base. Written eagerly, that is about a dozen tensor passes per expert;
+`torch.compile` turns the same function into one loop (C++ on CPU, Triton on GPU) that reads each input
+once, which is what brings TIES and DARE near the memory-bandwidth bound.
+
+Both paths run the same function, in float32, with the same order of operations; inductor builds
+without floating-point contraction or reassociation, so they give the same bits. A compiled kernel is
+checked against the eager one on first use and dropped, with a warning, if any bit differs, so the
+weights a search evaluates and the ones `mergeopt merge` writes never depend on whether a compiler was
+present. `MERGEOPT_COMPILE` = `auto` (default: compile tensors of at least `MERGEOPT_COMPILE_MIN`
+entries, 4M, when a compiler works), `1` (every tensor) or `0` (never).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from . import rng
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 16  # eager block: a block of every task vector and the temporaries stay in cache
+MASKS = ("none", "threshold", "random")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the kernel computes; everything here is fixed at compile time."""
+
+    mask: str  # none | threshold (keep |x| >= thr) | random (keep hash bits < keep threshold)
+    consensus: bool  # TIES sign election and disjoint sum
+    normalize: bool  # consensus only: divide by the summed weights that agreed
+
+
+@dataclass
+class Args:
+    """Per-expert values of one tensor merge, as tensors on the merge's device.
+
+    coef: the factor on each kept entry (weight x rescale, and x lambda / sum of weights without
+    consensus); weight: the weight that counts in the TIES divisor; thr: magnitude threshold (float32);
+    keep: random keep threshold (int32, out of 2**24); key: mask keys (int32, [experts, 2]); lam: lambda."""
+
+    coef: torch.Tensor
+    weight: torch.Tensor
+    thr: torch.Tensor
+    keep: torch.Tensor
+    key: torch.Tensor
+    lam: torch.Tensor
+
+
+def merge_pass(plan: Plan, base: torch.Tensor, taus: list[torch.Tensor], a: Args, start: torch.Tensor) -> torch.Tensor:
+    """Merged float32 values of one block; `start` is the block's first flat index (int32, 0-d)."""
+    deltas = []
+    idx = None
+    for i, tau in enumerate(taus):
+        x = tau.float()
+        if plan.mask == "threshold":
+            x = torch.where(x.abs() >= a.thr[i], x, 0.0)
+        elif plan.mask == "random":
+            if idx is None:
+                idx = torch.arange(x.numel(), dtype=torch.int32, device=x.device) + start
+            x = torch.where(rng.bits24(idx, a.key[i, 0], a.key[i, 1]) < a.keep[i], x, 0.0)
+        deltas.append(x * a.coef[i])
+    acc = base.float()
+    if not plan.consensus:
+        for d in deltas:
+            acc = acc + d
+        return acc
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = total + d
+    positive = total >= 0
+    mixed = torch.zeros_like(total)
+    div = torch.zeros_like(total)
+    for i, d in enumerate(deltas):
+        agree = torch.where(positive, d > 0, d < 0)
+        mixed = mixed + torch.where(agree, d, 0.0)
+        if plan.normalize:
+            div = div + torch.where(agree, a.weight[i], 0.0)
+    if plan.normalize:
+        mixed = mixed / torch.where(div == 0, 1.0, div)
+    return acc + mixed * a.lam
+
+
+def _compiled_body(plan: Plan):
+    def body(out: torch.Tensor, base: torch.Tensor, taus: list[torch.Tensor], a: Args, start: torch.Tensor) -> None:
+        out.copy_(merge_pass(plan, base, taus, a, start))
+    return body
+
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}  # (plan, experts, dtype, device type) -> compiled fn, or None when refused
+_broken: list[str] = []  # the first compile failure: no further attempts in this process
+calls: Counter = Counter()  # tensors merged by each path in this process ("compiled", "eager")
+
+
+def _mode() -> str:
+    return os.environ.get("MERGEOPT_COMPILE", "auto").strip().lower() or "auto"
+
+
+def _min_size() -> int:
+    return int(float(os.environ.get("MERGEOPT_COMPILE_MIN", 4 * 2**20)))
+
+
+def wants_compile(numel: int) -> bool:
+    mode = _mode()
+    if mode in ("0", "off", "false", "no") or _broken:
+        return False
+    if mode in ("1", "on", "true", "yes"):
+        return True
+    return numel >= _min_size()
+
+
+def _self_check(plan: Plan, fn, experts: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Compare the compiled kernel with the eager function, bit for bit, on random data of an odd size
+    (vector tails) with ties, zeros and mixed signs. Returns what differs, or None."""
+    g = torch.Generator().manual_seed(1234)
+    n = 3 * 4099
+    base = torch.randn(n, generator=g).to(dtype).to(device)
+    taus = []
+    for _ in range(experts):
+        t = (torch.randn(n, generator=g) * 0.01)
+        t[::7] = 0.0
+        t[1::11] = 0.005
+        taus.append(t.to(dtype).to(device))
+    a = Args(coef=torch.linspace(-0.5, 1.3, experts), weight=torch.linspace(-0.4, 1.1, experts),
+             thr=torch.full((experts,), 0.005), keep=torch.full((experts,), rng.keep_threshold(0.4), dtype=torch.int32),
+             key=torch.arange(2 * experts, dtype=torch.int32).view(experts, 2) * 7919 - 40000, lam=torch.tensor(0.9))
+    a = Args(*(v.to(device) for v in (a.coef, a.weight, a.thr, a.keep, a.key, a.lam)))
+    start = torch.tensor(12345, dtype=torch.int32, device=device)
+    want = merge_pass(plan, base, taus, a, start).to(dtype)
+    got = torch.empty_like(base)
+    fn(got, base, taus, a, start)
+    if not torch.equal(got, want):
+        return f"{int((got != want).sum())} of {n} entries differ, max |diff| {float((got.float() - want.float()).abs().max()):.1e}"
+    return None
+
+
+def kernel(plan: Plan, experts: int, dtype: torch.dtype, device: torch.device):
+    """The compiled kernel for this plan, or None (use the eager function)."""
+    k = (plan, experts, dtype, device.type)
+    with _lock:
+        if k in _kernels:
+            return _kernels[k]
+        fn = None
+        if not _broken:
+            try:
+                fn = torch.compile(_compiled_body(plan), dynamic=True, fullgraph=True)
+                bad = _self_check(plan, fn, experts, dtype, device)
+                if bad:
+                    log.warning("compiled %s merge differs from the eager one (%s); merging eagerly", plan, bad)
+                    fn = None
+            except Exception as e:  # no C++ compiler / Triton, or an inductor limitation
+                _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                log.warning("torch.compile unavailable (%s); merging eagerly", _broken[0])
+                fn = None
+        _kernels[k] = fn
+        return fn
+
+
+def run(plan: Plan, out: torch.Tensor, base: torch.Tensor, taus: list[torch.Tensor], a: Args) -> torch.Tensor:
+    """Merge into `out` (same shape as base): compiled in one call when wanted and available, else
+    eagerly in cache-sized blocks."""
+    n = base.numel()
+    flat_out, flat_base, flat_taus = out.view(-1), base.reshape(-1), [t.reshape(-1) for t in taus]
+    if plan.mask == "random" and n > 2**31 - 1:
+        raise ValueError(f"random masks index tensors of up to 2**31 - 1 entries, not {n}")
+    fn = kernel(plan, len(taus), base.dtype, base.device) if wants_compile(n) else None
+    if fn is not None:
+        fn(flat_out, flat_base, flat_taus, a, torch.zeros((), dtype=torch.int32, device=base.device))
+        calls["compiled"] += 1
+        return out
+    calls["eager"] += 1
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        start = torch.tensor(s, dtype=torch.int32, device=base.device)
+        flat_out[s:e] = merge_pass(plan, flat_base[s:e], [t[s:e] for t in flat_taus], a, start)
+    return out
