@@ -54,9 +54,13 @@ def test_ties_trims_to_top_density_then_elects():
     assert out.tolist() == [-4.0, -3.0, 2.0, 3.0]
 
 
-def test_ties_magnitude_ties_keep_exactly_k():
-    kept = sp.magnitude(torch.ones(10), 0.3)
-    assert int((kept != 0).sum()) == 3
+def test_ties_trim_keeps_the_top_k_and_every_entry_tied_with_the_kth():
+    x = torch.tensor([0.1, -0.9, 0.5, -0.3, 0.7, 0.2, 0.0, -0.6, 0.4, 0.8])
+    assert sp.magnitude(x, 0.3).tolist() == pytest.approx([0, -0.9, 0, 0, 0.7, 0, 0, 0, 0, 0.8])
+    assert sp.magnitude(x, 0.29).tolist() == pytest.approx([0, -0.9, 0, 0, 0, 0, 0, 0, 0, 0.8])  # k = floor(2.9) = 2
+    tied = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.9])
+    assert sp.magnitude(tied, 0.4).tolist() == pytest.approx([0.5, -0.5, 0.5, 0.0, 0.9])  # k = 2, the 2nd largest is tied thrice
+    assert int((sp.magnitude(torch.ones(10), 0.3) != 0).sum()) == 10
 
 
 def test_dare_rescales_survivors_by_inverse_keep_probability():
@@ -198,7 +202,7 @@ def test_mask_bits_are_counter_based_and_match_the_reference():
     assert 0.48 < agree < 0.52  # two models' masks are independent
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "dare_linear"])
 def test_compiled_merge_is_bit_identical_to_eager(method, monkeypatch):
     """The fused kernel from torch.compile gives the eager function's bits, so whether a worker had a
     compiler never changes the weights. Skipped only where torch.compile cannot build a kernel."""
@@ -209,8 +213,9 @@ def test_compiled_merge_is_bit_identical_to_eager(method, monkeypatch):
     taus = [torch.randn(301, 1001, generator=g) * 0.01 for _ in range(3)]
     taus[1][::3] = taus[0][::3]  # shared entries: ties at thresholds and in the election
     spec = get_method(method)
-    models = [spec.resolve_model({"weight": w, "density": d}) for w, d in ((0.6, 0.3), (1.2, 0.7), (-0.4, 0.5))]
-    params = spec.resolve_globals({"lambda": 0.9})
+    models = [spec.resolve_model({"weight": w, **({"density": d} if "density" in spec.model_params else {})})
+              for w, d in ((0.6, 0.3), (1.2, 0.7), (-0.4, 0.5))]
+    params = spec.resolve_globals({"lambda": 0.9} if "lambda" in spec.global_params else {})
     ctx = TensorContext("model.layers.1.mlp.up_proj.weight", seed=5, memo={})
     monkeypatch.setenv("MERGEOPT_COMPILE", "0")
     eager = spec.fn(base, taus, models, params, ctx).clone()
@@ -220,3 +225,40 @@ def test_compiled_merge_is_bit_identical_to_eager(method, monkeypatch):
         pytest.skip(f"torch.compile unavailable here: {fused._broken[0]}")
     assert any(v is not None for v in fused._kernels.values())
     assert torch.equal(compiled, eager)
+
+
+def test_merge_without_a_compiler_warns_and_gives_the_eager_bits(tmp_path):
+    """A machine with no C++ compiler (CI may be one) merges eagerly, with a warning, and gets the same
+    bytes as an eager merge."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import hashlib, logging, sys, torch
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from mergeopt.methods import TensorContext, fused, get_method
+g = torch.Generator().manual_seed(2)
+base = torch.randn(512, 600, generator=g)
+taus = [torch.randn(512, 600, generator=g) * 0.01 for _ in range(2)]
+spec = get_method("dare_ties")
+models = [spec.resolve_model({"weight": w, "density": 0.6}) for w in (0.8, 0.5)]
+out = spec.fn(base, taus, models, spec.resolve_globals({}), TensorContext("w", 4))
+print(hashlib.sha256(out.numpy().tobytes()).hexdigest(), bool(fused._broken), dict(fused.calls))
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "MERGEOPT_COMPILE": "1"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    digest, broken, calls = res.stdout.split(maxsplit=2)
+    assert broken == "True" and "'eager': 1" in calls
+    assert "torch.compile unavailable" in res.stderr
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(512, 600, generator=g)
+    taus = [torch.randn(512, 600, generator=g) * 0.01 for _ in range(2)]
+    spec = get_method("dare_ties")
+    models = [spec.resolve_model({"weight": w, "density": 0.6}) for w in (0.8, 0.5)]
+    os.environ.pop("MERGEOPT_COMPILE", None)
+    want = spec.fn(base, taus, models, spec.resolve_globals({}), TensorContext("w", 4))
+    assert digest == hashlib.sha256(want.numpy().tobytes()).hexdigest()

@@ -10,7 +10,7 @@ without floating-point contraction or reassociation, so they give the same bits.
 checked against the eager one on first use and dropped, with a warning, if any bit differs, so the
 weights a search evaluates and the ones `mergeopt merge` writes never depend on whether a compiler was
 present. `MERGEOPT_COMPILE` = `auto` (default: compile tensors of at least `MERGEOPT_COMPILE_MIN`
-entries, 4M, when a compiler works), `1` (every tensor) or `0` (never).
+entries, 2**18, when a compiler works), `1` (every tensor) or `0` (never).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class Args:
 
     coef: the factor on each kept entry (weight x rescale, and x lambda / sum of weights without
     consensus); weight: the weight that counts in the TIES divisor; thr: magnitude threshold (float32);
-    keep: random keep threshold (int32, out of 2**24); key: mask keys (int32, [experts, 2]); lam: lambda."""
+    keep: random keep threshold (int32, out of 2**24); key: mask keys (int32, [experts, 2]; the first
+    word is the tensor's, the same for every expert); lam: lambda; base_coef: the factor on the base
+    without consensus (1, or the summed weights for a linear merge)."""
 
     coef: torch.Tensor
     weight: torch.Tensor
@@ -54,40 +56,59 @@ class Args:
     keep: torch.Tensor
     key: torch.Tensor
     lam: torch.Tensor
+    base_coef: torch.Tensor
+
+    @classmethod
+    def build(cls, coef: list[float], weight: list[float], thr: list[float], lam: float, device: torch.device,
+              keep: list[int] | None = None, key: list[tuple[int, int]] | None = None, base_coef: float = 1.0) -> Args:
+        """Two small host-to-device copies per tensor merge, not six (this runs once per tensor and
+        candidate); the random-mask fields only when the plan draws masks."""
+        k = len(coef)
+        floats = torch.tensor([*coef, *weight, *thr, lam, base_coef], dtype=torch.float32, device=device)
+        ints = torch.tensor([*(keep or [rng.ONE] * k), *(v for pair in (key or [(0, 0)] * k) for v in pair)],
+                            dtype=torch.int32, device=device)
+        return cls(coef=floats[:k], weight=floats[k:2 * k], thr=floats[2 * k:3 * k], keep=ints[:k],
+                   key=ints[k:].view(k, 2), lam=floats[3 * k], base_coef=floats[3 * k + 1])
 
 
 def merge_pass(plan: Plan, base: torch.Tensor, taus: list[torch.Tensor], a: Args, start: torch.Tensor) -> torch.Tensor:
-    """Merged float32 values of one block; `start` is the block's first flat index (int32, 0-d)."""
+    """Merged float32 values of one block; `start` is the block's first flat index (int32, 0-d).
+
+    Written with float arithmetic where eager torch would otherwise run slow boolean kernels: with the
+    elected sign e = +-1, an agreeing delta d has d * e > 0, so relu(d * e) is |d| for agreeing deltas
+    and 0 otherwise, e * sum relu(d * e) is exactly the sum of the agreeing deltas (negation is exact),
+    and sign(relu(d * e)) is the 0/1 indicator that picks the weights of the TIES divisor."""
     deltas = []
-    idx = None
+    shared = None
     for i, tau in enumerate(taus):
         x = tau.float()
         if plan.mask == "threshold":
-            x = torch.where(x.abs() >= a.thr[i], x, 0.0)
+            x = x * (x.abs() >= a.thr[i])
         elif plan.mask == "random":
-            if idx is None:
-                idx = torch.arange(x.numel(), dtype=torch.int32, device=x.device) + start
-            x = torch.where(rng.bits24(idx, a.key[i, 0], a.key[i, 1]) < a.keep[i], x, 0.0)
+            if shared is None:  # the first hash round: the key's first word is the tensor's, shared by the models
+                shared = rng.stream(torch.arange(x.numel(), dtype=torch.int32, device=x.device) + start, a.key[0, 0])
+            x = x * (rng.bits_from(shared, a.key[i, 1]) < a.keep[i])
         deltas.append(x * a.coef[i])
-    acc = base.float()
     if not plan.consensus:
-        for d in deltas:
-            acc = acc + d
+        acc = base.float() * a.base_coef + deltas[0]
+        for d in deltas[1:]:
+            acc += d
         return acc
     total = deltas[0]
     for d in deltas[1:]:
         total = total + d
-    positive = total >= 0
+    elected = torch.where(total >= 0, 1.0, -1.0)
     mixed = torch.zeros_like(total)
     div = torch.zeros_like(total)
     for i, d in enumerate(deltas):
-        agree = torch.where(positive, d > 0, d < 0)
-        mixed = mixed + torch.where(agree, d, 0.0)
+        agreeing = torch.clamp_min(d * elected, 0.0)
+        mixed = mixed + agreeing
         if plan.normalize:
-            div = div + torch.where(agree, a.weight[i], 0.0)
+            div = div + torch.sign(agreeing) * a.weight[i]
+    mixed = mixed * elected
     if plan.normalize:
         mixed = mixed / torch.where(div == 0, 1.0, div)
-    return acc + mixed * a.lam
+    return base.float() + mixed * a.lam
 
 
 def _compiled_body(plan: Plan):
@@ -107,7 +128,7 @@ def _mode() -> str:
 
 
 def _min_size() -> int:
-    return int(float(os.environ.get("MERGEOPT_COMPILE_MIN", 4 * 2**20)))
+    return int(float(os.environ.get("MERGEOPT_COMPILE_MIN", 2**18)))
 
 
 def wants_compile(numel: int) -> bool:
@@ -133,8 +154,9 @@ def _self_check(plan: Plan, fn, experts: int, dtype: torch.dtype, device: torch.
         taus.append(t.to(dtype).to(device))
     a = Args(coef=torch.linspace(-0.5, 1.3, experts), weight=torch.linspace(-0.4, 1.1, experts),
              thr=torch.full((experts,), 0.005), keep=torch.full((experts,), rng.keep_threshold(0.4), dtype=torch.int32),
-             key=torch.arange(2 * experts, dtype=torch.int32).view(experts, 2) * 7919 - 40000, lam=torch.tensor(0.9))
-    a = Args(*(v.to(device) for v in (a.coef, a.weight, a.thr, a.keep, a.key, a.lam)))
+             key=torch.arange(2 * experts, dtype=torch.int32).view(experts, 2) * 7919 - 40000, lam=torch.tensor(0.9),
+             base_coef=torch.tensor(1.1))
+    a = Args(*(v.to(device) for v in (a.coef, a.weight, a.thr, a.keep, a.key, a.lam, a.base_coef)))
     start = torch.tensor(12345, dtype=torch.int32, device=device)
     want = merge_pass(plan, base, taus, a, start).to(dtype)
     got = torch.empty_like(base)

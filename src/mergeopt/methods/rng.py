@@ -1,7 +1,8 @@
 """Counter-based random numbers for the random masks (DARE, DELLA).
 
-Entry i of a tensor gets 24 random bits from a hash of (key, i), where the key comes from (recipe seed,
-tensor name, model index). Nothing is sequential: any block of a tensor can be drawn on its own, on any
+Entry i of a tensor gets 24 random bits from a hash of (key, i): a first round mixes i with a word of the
+(recipe seed, tensor name), which all models share, a second mixes the result with a word of the
+(seed, name, model index). Nothing is sequential: any block of a tensor can be drawn on its own, on any
 device, eagerly or inside a compiled kernel, and gives the same bits. A stateful generator cannot do
 that: its numbers depend on how many were drawn before, and it runs on one device.
 
@@ -26,10 +27,14 @@ def _signed(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
+def _word(text: str) -> int:
+    return _signed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little"))
+
+
 def mask_key(seed: int, name: str, model_index: int) -> tuple[int, int]:
-    """Two int32 words (as signed Python ints) from (seed, tensor name, model index)."""
-    d = hashlib.sha256(f"{seed}/{name}/{model_index}".encode()).digest()
-    return _signed(int.from_bytes(d[:4], "little")), _signed(int.from_bytes(d[4:8], "little"))
+    """Two int32 words (as signed Python ints): one of (seed, tensor name), shared by the models of a
+    tensor so the first hash round is computed once, and one of (seed, name, model index)."""
+    return _word(f"{seed}/{name}"), _word(f"{seed}/{name}/{model_index}")
 
 
 def keep_threshold(keep_prob: float) -> int:
@@ -50,9 +55,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 16)
 
 
+def stream(index: torch.Tensor, k0: int | torch.Tensor) -> torch.Tensor:
+    """The first round, shared by every model of a tensor."""
+    return _mix(index ^ k0)
+
+
+def bits_from(stream_values: torch.Tensor, k1: int | torch.Tensor) -> torch.Tensor:
+    """The second round: 24 random bits (int32 in [0, 2**24)) per entry for one model."""
+    return _shr(_mix(stream_values ^ k1), 32 - BITS)
+
+
 def bits24(index: torch.Tensor, k0: int | torch.Tensor, k1: int | torch.Tensor) -> torch.Tensor:
-    """24 random bits (int32 in [0, 2**24)) for each int32 element index."""
-    return _shr(_mix(_mix(index ^ k0) ^ k1), 32 - BITS)
+    """24 random bits for each int32 element index."""
+    return bits_from(stream(index, k0), k1)
 
 
 def block_bits(key: tuple[int, int], start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -24,18 +24,18 @@ def _rescale(x: torch.Tensor, kept: torch.Tensor, keep_prob: torch.Tensor | floa
 
 
 def magnitude(x: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the k = max(1, floor(density * N)) entries of largest magnitude."""
+    """TIES trim: keep the entries whose magnitude is at least the k-th largest, k = max(1, floor(density
+    * N)). Entries tied with the k-th largest are all kept: the rule is a threshold, the same on every
+    device and in a fused kernel (mergekit keeps an arbitrary k of the tied ones)."""
     if density >= 1:
         return x
     n = x.numel()
     if density <= 0 or n == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * n))
-    flat = x.reshape(-1)
-    idx = torch.topk(flat.abs().float(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.reshape(x.shape)
+    mags = x.reshape(-1).abs().float()
+    thr = torch.topk(mags, k, sorted=False).values.min()
+    return x * (mags >= thr).view(x.shape)
 
 
 def magnitude_outliers(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 
 from . import fused, rng, sparsify
@@ -20,9 +21,7 @@ from .registry import REQUIRED, MethodSpec, TensorContext, register
 
 def _sparsify(kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorContext, i: int) -> torch.Tensor:
     """Whole-tensor sparsification, for the rules that need the whole tensor (breadcrumbs' ranks, DELLA's
-    rows, the L1 rescale) and for the TIES trim when magnitudes tie at the threshold."""
-    if kind == "magnitude":
-        return sparsify.magnitude(tau, m["density"])
+    rows, the L1 rescale)."""
     if kind == "outliers":
         return sparsify.magnitude_outliers(tau, m["density"], m["gamma"])
     if kind == "bernoulli":
@@ -32,21 +31,26 @@ def _sparsify(kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorCo
     raise ValueError(kind)
 
 
-def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, i: int) -> float | None:
+def _sorted_magnitudes(tau: torch.Tensor) -> torch.Tensor:
+    """|tau| in ascending order, float32. On the CPU numpy's vectorised sort is about 3x faster than
+    torch.sort."""
+    mags = tau.reshape(-1).abs().float()
+    if mags.device.type == "cpu":
+        return torch.from_numpy(np.sort(mags.numpy()))
+    return torch.sort(mags).values
+
+
+def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, i: int) -> float:
     """The TIES trim as a threshold: keep |tau| >= the k-th largest magnitude, k = max(1, floor(density
-    * N)). None when non-zero magnitudes tie at the threshold (then exactly k are kept by the
-    whole-tensor rule instead). The sorted magnitudes depend on the task vector alone and are memoised."""
+    * N)) (`sparsify.magnitude`). The sorted magnitudes depend on the task vector alone and are memoised,
+    so each candidate only looks its threshold up."""
     n = tau.numel()
     if density >= 1:
         return 0.0
     if density <= 0 or n == 0:
         return float("inf")
     k = max(1, int(density * n))
-    ranked = ctx.remember(("abs_sorted", i), lambda: torch.sort(tau.reshape(-1).abs().float()).values)
-    thr = ranked[n - k]
-    if thr > 0 and n - k > 0 and ranked[n - k - 1] == thr:
-        return None
-    return float(thr)
+    return float(ctx.remember(("abs_sorted", i), lambda: _sorted_magnitudes(tau))[n - k])
 
 
 def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict,
@@ -65,11 +69,7 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
     for i, (t, m) in enumerate(zip(taus, models, strict=True)):
         density = float(m.get("density", 1.0))
         if mask == "threshold":
-            th = _magnitude_threshold(t, density, ctx, i)
-            if th is None:
-                inputs[i] = _sparsify("magnitude", t, m, params, ctx, i)
-            else:
-                thr[i] = th
+            thr[i] = _magnitude_threshold(t, density, ctx, i)
         elif mask == "random":
             keep[i] = rng.keep_threshold(density) if density < 1 else rng.ONE
             if 0 < density < 1 and params["rescale"] == "inverse":
@@ -78,12 +78,8 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
             inputs[i] = _sparsify(sparsifier, t, m, params, ctx, i)
     total = sum(weights)
     scale = 1.0 if consensus else (lam / (total if abs(total) >= 1e-8 else 1.0) if params["normalize"] else lam)
-    dev = base.device
-    args = fused.Args(coef=torch.tensor([c * w * scale for c, w in zip(coef, weights, strict=True)], device=dev),
-                      weight=torch.tensor(weights, device=dev), thr=torch.tensor(thr, device=dev),
-                      keep=torch.tensor(keep, dtype=torch.int32, device=dev),
-                      key=torch.tensor([ctx.mask_key(i) for i in range(k)], dtype=torch.int32, device=dev).view(k, 2),
-                      lam=torch.tensor(lam, device=dev))
+    args = fused.Args.build([c * w * scale for c, w in zip(coef, weights, strict=True)], weights, thr, lam,
+                            base.device, keep, [ctx.mask_key(i) for i in range(k)] if mask == "random" else None)
     plan = fused.Plan(mask=mask, consensus=consensus, normalize=bool(params["normalize"]) and consensus)
     return fused.run(plan, out, base, inputs, args)
 
