@@ -65,14 +65,28 @@ class Args:
         candidate); the random-mask fields only when the plan draws masks."""
         k = len(coef)
         floats = torch.tensor([*coef, *weight, *thr, lam, base_coef], dtype=torch.float32, device=device)
-        ints = torch.tensor([*(keep or [rng.ONE] * k), *(v for pair in (key or [(0, 0)] * k) for v in pair)],
-                            dtype=torch.int32, device=device)
+        if key is None:  # no random mask: placeholders the kernel never reads
+            ints = _placeholder(k, device)
+        else:
+            ints = torch.tensor([*(keep or [rng.ONE] * k), *(v for pair in key for v in pair)], dtype=torch.int32,
+                                device=device)
         return cls(coef=floats[:k], weight=floats[k:2 * k], thr=floats[2 * k:3 * k], keep=ints[:k],
                    key=ints[k:].view(k, 2), lam=floats[3 * k], base_coef=floats[3 * k + 1])
 
 
-def merge_pass(plan: Plan, base: torch.Tensor, taus: list[torch.Tensor], a: Args, start: torch.Tensor) -> torch.Tensor:
-    """Merged float32 values of one block; `start` is the block's first flat index (int32, 0-d).
+_placeholders: dict[tuple, torch.Tensor] = {}
+
+
+def _placeholder(k: int, device: torch.device) -> torch.Tensor:
+    t = _placeholders.get((k, str(device)))
+    if t is None:
+        t = _placeholders[(k, str(device))] = torch.zeros(3 * k, dtype=torch.int32, device=device)
+    return t
+
+
+def merge_pass(plan: Plan, base: torch.Tensor, taus: list[torch.Tensor], a: Args, start: torch.Tensor | int) -> torch.Tensor:
+    """Merged float32 values of one block; `start` is the block's first flat index (a 0-d int32 tensor
+    when compiled, so that it is not baked into the kernel).
 
     Written with float arithmetic where eager torch would otherwise run slow boolean kernels: with the
     elected sign e = +-1, an agreeing delta d has d * e > 0, so relu(d * e) is |d| for agreeing deltas
@@ -203,6 +217,5 @@ def run(plan: Plan, out: torch.Tensor, base: torch.Tensor, taus: list[torch.Tens
     calls["eager"] += 1
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
-        start = torch.tensor(s, dtype=torch.int32, device=base.device)
-        flat_out[s:e] = merge_pass(plan, flat_base[s:e], [t[s:e] for t in flat_taus], a, start)
+        flat_out[s:e] = merge_pass(plan, flat_base[s:e], [t[s:e] for t in flat_taus], a, s)
     return out
