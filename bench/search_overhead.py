@@ -20,6 +20,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, ray_pool, with_search, write_json  # noqa: E402
 
+from mergeopt.report import trial_timing  # noqa: E402
 from mergeopt.space import load_space  # noqa: E402
 
 
@@ -40,10 +41,11 @@ def run(space_ref: str, workers: int, trials: int, run_dir: Path) -> dict:
         ray.shutdown()
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    wall = sum(t.user_attrs["wall_s"] for t in done)
-    merge = sum(t.user_attrs["merge_s"] for t in done)
-    fwd = sum(t.user_attrs.get("forward_s", 0.0) for t in done)
-    ev = sum(t.user_attrs["eval_s"] for t in done)
+    timing = [trial_timing(t) for t in done]
+    wall = sum(t["wall_s"] for t in timing)
+    merge = sum(t["merge_s"] for t in timing)
+    fwd = sum(t.get("forward_s", 0.0) for t in timing)
+    ev = sum(t["eval_s"] for t in timing)
     mib = 2**20
     return {"workers": workers, "trials": len(done), "span_s": span, "trials_per_s": len(done) / span,
             "merge_forward_share": (merge + fwd) / wall, "merge_eval_share": (merge + ev) / wall,

@@ -18,6 +18,15 @@ from .space import Space
 S = optuna.trial.TrialState
 
 
+TIMING_KEYS = ("worker", "merge_s", "eval_s", "forward_s", "overhead_s", "wall_s")
+
+
+def trial_timing(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's worker and timings: one `timing` attribute (one storage write per trial, not six), or
+    the separate attributes of studies recorded before it."""
+    return t.user_attrs.get("timing") or {k: t.user_attrs[k] for k in TIMING_KEYS if k in t.user_attrs}
+
+
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -25,8 +34,9 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                                "seed": t.user_attrs.get("seed", "")}
         row.update({f"param:{k}": v for k, v in t.params.items()})
         row.update({f"metric:{k}": v for k, v in t.user_attrs.get("metrics", {}).items()})
-        for k in ("worker", "merge_s", "eval_s", "forward_s", "overhead_s", "wall_s", "reason"):
-            row[k] = t.user_attrs.get(k, "")
+        timing = trial_timing(t)
+        row.update({k: timing.get(k, "") for k in TIMING_KEYS})
+        row["reason"] = t.user_attrs.get("reason", "")
         rows.append(row)
     return rows
 
@@ -74,7 +84,7 @@ def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s
     best = max(done, key=lambda t: (t.user_attrs["metrics"]["combined"], -t.number)) if done else None
     baselines = {t.user_attrs["baseline"]: t.user_attrs["metrics"] for t in done if t.user_attrs.get("baseline")}
     best_single = max((m["combined"] for k, m in baselines.items() if k.endswith(" alone")), default=None)
-    timings = [t.user_attrs for t in done]
+    timings = [trial_timing(t) for t in done]
     summary: dict[str, Any] = {
         "name": space.name, "sampler": space.search.sampler, "seed": space.search.seed,
         "trials": {s.name.lower(): sum(1 for t in study.get_trials(deepcopy=False) if t.state == s)

@@ -456,11 +456,13 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
 
 def _tell(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: dict, wall: float) -> bool:
     """Record a result; True when the trial counts toward n_trials (not one that runs again)."""
-    for key in ("worker", "merge_s", "eval_s", "forward_s", "subset", "reason"):
+    # One write for the timings: each attribute is its own storage transaction, on the driver's clock.
+    timing = {k: result[k] for k in ("worker", "merge_s", "eval_s", "forward_s") if k in result}
+    timing.update(wall_s=wall, overhead_s=max(0.0, wall - result.get("merge_s", 0.0) - result.get("eval_s", 0.0)))
+    trial.set_user_attr("timing", timing)
+    for key in ("subset", "reason"):
         if key in result:
             trial.set_user_attr(key, result[key])
-    trial.set_user_attr("wall_s", wall)
-    trial.set_user_attr("overhead_s", max(0.0, wall - result.get("merge_s", 0.0) - result.get("eval_s", 0.0)))
     state = result.get("state")
     if state == "complete":
         m = result["metrics"]

@@ -48,17 +48,25 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], *, batch_si
 
 
 def generate_encoded(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batches: list[Batch], *,
-                     max_new_tokens: int = 8) -> list[str]:
+                     max_new_tokens: int = 8, decoded: dict[tuple[int, ...], str] | None = None) -> list[str]:
     """Greedy continuations of encoded prompts, in prompt order, decoded without special tokens and
-    stripped."""
+    stripped. `decoded` keeps texts by token sequence across calls: a search's candidates often give
+    the same short answers, and decoding is pure."""
     n = sum(len(idx) for idx, _, _ in batches)
     out: list[str] = [""] * n
     eos = tok.eos_token_id
+    cache = {} if decoded is None else decoded
+    if len(cache) > 200_000:
+        cache.clear()
     for idx, ids, mask in batches:
         gen = greedy_continue(model, ids, mask, max_new_tokens=max_new_tokens, eos=eos, pad=eos).tolist()
-        rows = [toks[: toks.index(eos)] if eos in toks else toks for toks in gen]
-        for i, text in zip(idx, tok.batch_decode(rows, skip_special_tokens=True), strict=True):
-            out[i] = text.strip()
+        rows = [tuple(toks[: toks.index(eos)] if eos in toks else toks) for toks in gen]
+        todo = list(dict.fromkeys(r for r in rows if r not in cache))
+        if todo:
+            cache.update(zip(todo, (t.strip() for t in tok.batch_decode([list(r) for r in todo], skip_special_tokens=True)),
+                             strict=True))
+        for i, r in zip(idx, rows, strict=True):
+            out[i] = cache[r]
     return out
 
 

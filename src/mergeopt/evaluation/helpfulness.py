@@ -78,10 +78,16 @@ class _DocJson:
 
 
 def _cache_document_json() -> None:
+    """Also keeps the sample log's hashes: lm-eval hashes each document, prompt and target again on
+    every call, and they are the same strings every time."""
+    import functools
+
     import lm_eval.evaluator as ev
 
     if not isinstance(ev.json, _DocJson):
         ev.json = _DocJson()
+    if not hasattr(ev.hash_string, "cache_info"):
+        ev.hash_string = functools.lru_cache(maxsize=100_000)(ev.hash_string)
 
 
 def _greedy_hflm():
@@ -171,6 +177,11 @@ def _make_resident(task) -> None:
         return dict(scored.get(doc, repr(results), lambda: score(doc, results)))
 
     task.process_results = process_results
+
+    # The configuration does not change once the task is loaded; lm-eval deep-copies it through
+    # dataclasses.asdict on every call, only to report it.
+    config = task.dump_config()
+    task.dump_config = lambda: config
 
 
 class LmEvalHelpfulness:

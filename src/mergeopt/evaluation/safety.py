@@ -21,6 +21,8 @@ class SafetyScorer:
         self.model, self.tok, self.assets = model, tokenizer, assets
         self.judge = build_judge(assets.judge) if assets.config.mode == "generate" else None
         self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
+        self._decoded: dict[tuple[int, ...], str] = {}  # token ids -> text, across candidates
+        self._labels: dict[tuple, Label] = {}  # (prompt, language, answer, response) -> the judge's label
 
     def _texts(self, rows: list[PromptRow]) -> list[str]:
         return [format_prompt(self.tok, self.assets.chat_template, r.prompt) for r in rows]
@@ -47,7 +49,17 @@ class SafetyScorer:
             lc = continuation_logprobs(self.model, self.tok, texts, comply, a.config.batch_size)
             return [Label.REFUSED if x >= y else Label.COMPLIED for x, y in zip(lr, lc, strict=True)]
         responses = generate_encoded(self.model, self.tok, self._batches(rows),
-                                     max_new_tokens=a.config.max_new_tokens)
+                                     max_new_tokens=a.config.max_new_tokens, decoded=self._decoded)
         if hasattr(self.judge, "label_many"):
             return self.judge.label_many([r.prompt for r in rows], responses)
-        return [self.judge.label(resp, r.language, r.answer) for r, resp in zip(rows, responses, strict=True)]
+        # A judge is a pure function of the prompt and the response, and candidates repeat responses.
+        if len(self._labels) > 200_000:
+            self._labels.clear()
+        out = []
+        for r, resp in zip(rows, responses, strict=True):
+            key = (r.prompt, r.language, r.answer, resp)
+            lab = self._labels.get(key)
+            if lab is None:
+                lab = self._labels[key] = self.judge.label(resp, r.language, r.answer)
+            out.append(lab)
+        return out
