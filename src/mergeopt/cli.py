@@ -174,7 +174,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         own = best.exists() and (best / "manifest.json").exists()
         folder = export(space, study, run_dir, out=best, force=own, summary=summary, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
-        console.print(f"exported the Pareto-best merge (pick: {space.pick}) to {folder}")
+        picked = json.loads((folder / "submission.json").read_text())["trial"]
+        console.print(f"exported trial {picked}, the Pareto-best merge by pick rule {space.pick!r}, to {folder}")
     return 0
 
 
@@ -202,6 +203,10 @@ def _print_front(console: Console, space, summary: dict) -> None:
         if best_single is not None:
             verdict = "beats" if summary["merge_beats_every_single_expert"] else "does NOT beat"
             msg += f"; it {verdict} every single expert (best single expert {best_single:+.3f})"
+        if b["trial"] not in {f["trial"] for f in summary["front"]}:
+            extra = [k for k in space.combined_weights if k not in {o.metric for o in space.objectives}]
+            msg += ("; it is off the front: another trial is at least as good on every objective, and this one "
+                    f"scores higher through terms of the combined score that are not objectives ({', '.join(extra)})")
         console.print(msg)
     for name, ref in summary.get("references", {}).items():
         diff = ref["metrics"]["combined"] - summary["best"]["metrics"]["combined"] if summary.get("best") else 0
