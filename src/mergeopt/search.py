@@ -311,8 +311,8 @@ class RayPool:
 
 def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     """Bytes a study needs on this node: the base and task vectors once (shared through the object
-    store, plus the driver's copy while it puts them there), and per worker a model, its activations
-    and the libraries' own footprint."""
+    store, plus the driver's copy while it puts them there), and per worker a model, its activations,
+    the libraries' own footprint and, when TIES is searched, the sorted magnitudes of every task vector."""
     from .checkpoints import Checkpoint
     from .merge import resolve_model_path
 
@@ -321,8 +321,13 @@ def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     params = sum(math.prod(ck.shape(n)) for n in ck.names)
     shared = params * elem * (1 + len(space.models))
     per_worker = params * 4 * 1.25 + 600 * 2**20  # fp32 model, activations, runtime (torch, lm-eval)
+    # TIES looks its thresholds up in each task vector's sorted magnitudes, kept by each worker (float32)
+    from .methods.task_arithmetic import RANKED_METHODS
+
+    ranks = params * 4 * len(space.models) if RANKED_METHODS.intersection(space.methods) else 0
+    per_worker += ranks
     return {"params": params, "shared_bytes": shared, "driver_bytes": shared, "per_worker_bytes": per_worker,
-            "total_bytes": 2 * shared + workers * per_worker}
+            "ties_ranks_bytes": ranks, "total_bytes": 2 * shared + workers * per_worker}
 
 
 def check_memory(space: Space, workers: int, gpus: bool, **load: bool) -> None:

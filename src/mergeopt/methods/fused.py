@@ -28,7 +28,6 @@ from . import rng
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16  # eager block: a block of every task vector and the temporaries stay in cache
-MASKS = ("none", "threshold", "random")
 
 
 @dataclass(frozen=True)

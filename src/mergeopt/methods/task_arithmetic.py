@@ -84,10 +84,15 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
     return fused.run(plan, out, base, inputs, args)
 
 
+RANKED_METHODS: set[str] = set()  # methods that keep each task vector's sorted magnitudes (memory planning)
+
+
 def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, extra: dict | None = None,
              rescale: str = "none") -> None:
     # density only where a sparsifier reads it: task arithmetic would silently ignore it
     model_params = {"weight": REQUIRED, **({"density": 1.0} if sparsifier != "none" else {}), **(extra or {})}
+    if sparsifier == "magnitude":
+        RANKED_METHODS.add(name)
     global_params = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
     register(MethodSpec(name, partial(generalized_task_arithmetic, sparsifier=sparsifier, consensus=consensus),
                         model_params=model_params, global_params=global_params,
