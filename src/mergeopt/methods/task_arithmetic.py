@@ -42,14 +42,20 @@ def _sorted_magnitudes(tau: torch.Tensor) -> torch.Tensor:
 
 def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, i: int) -> float:
     """The TIES trim as a threshold: keep |tau| >= the k-th largest magnitude, k = max(1, floor(density
-    * N)) (`sparsify.magnitude`). The sorted magnitudes depend on the task vector alone and are memoised,
-    so each candidate only looks its threshold up."""
+    * N)) (`sparsify.magnitude`). A search worker memoises the sorted magnitudes (they depend on the task
+    vector alone), so each candidate only looks its threshold up; a single merge selects the k-th
+    largest directly (numpy's introselect, about 8 ns per entry against 41 for the sort)."""
     n = tau.numel()
     if density >= 1:
         return 0.0
     if density <= 0 or n == 0:
         return float("inf")
     k = max(1, int(density * n))
+    if ctx.memo is None:  # one merge (`mergeopt merge`): a selection, not a sort
+        mags = tau.reshape(-1).abs().float()
+        if mags.device.type == "cpu":
+            return float(np.partition(mags.numpy(), n - k)[n - k])
+        return float(torch.kthvalue(mags, n - k + 1).values)
     return float(ctx.remember(("abs_sorted", i), lambda: _sorted_magnitudes(tau))[n - k])
 
 
