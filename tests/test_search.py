@@ -183,3 +183,21 @@ def test_memory_plan_counts_ties_ranks_per_worker(test_zoo: Path, tmp_path: Path
     ranks = with_ties["params"] * 4 * len(space.models)
     assert with_ties["ties_ranks_bytes"] == ranks and without["ties_ranks_bytes"] == 0
     assert with_ties["total_bytes"] - without["total_bytes"] == 2 * ranks
+
+
+def test_a_study_recorded_under_other_merge_rules_is_read_but_not_resumed(test_zoo: Path, tmp_path: Path):
+    """When the merge rules change (DARE's masks did), a recipe and seed give other weights: an older
+    study cannot be resumed or exported exactly, so it is refused with a one-line reason, and its
+    results can still be read."""
+    from mergeopt.errors import UserError
+    from mergeopt.search import MERGE_RULES, open_study
+    from mergeopt.space import load_space
+
+    space = load_space(str(_test_space(tmp_path)))
+    run = tmp_path / "run"
+    study = open_study(space, run)
+    assert study.user_attrs["merge_rules"] == MERGE_RULES
+    study.set_user_attr("merge_rules", MERGE_RULES - 1)
+    with pytest.raises(UserError, match=f"merge rules version {MERGE_RULES - 1}"):
+        open_study(space, run)
+    assert open_study(space, run, merging=False).user_attrs["merge_rules"] == MERGE_RULES - 1

@@ -215,7 +215,7 @@ def _print_front(console: Console, space, summary: dict) -> None:
                       + (f"; it dominates front trials {ref['dominates_front_members']}" if ref["dominates_front_members"] else ""))
 
 
-def _load_run(run_dir: str):
+def _load_run(run_dir: str, *, merging: bool = False):
     from .search import open_study
     from .space import Space
 
@@ -223,7 +223,7 @@ def _load_run(run_dir: str):
     if not (p / "space.json").exists():
         raise UserError(f"{p}: not a run folder (no space.json); expected the folder optimize wrote")
     space = Space.model_validate(json.loads((p / "space.json").read_text()))
-    return space, open_study(space, p)
+    return space, open_study(space, p, merging=merging)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -255,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, front_trials
 
-    space, study = _load_run(args.run_dir)
+    space, study = _load_run(args.run_dir, merging=True)
     run_dir = Path(args.run_dir)
     if args.all_front:
         root = Path(args.out) if args.out else run_dir / "front"

@@ -110,9 +110,16 @@ def sqlite_storage(url: str) -> optuna.storages.RDBStorage:
     return storage
 
 
-def open_study(space: Space, run_dir: Path) -> optuna.Study:
+# The version of the merge rules: it changes when the same recipe and seed give different weights, so a
+# study recorded under other rules is not resumed or exported (its trials would not re-materialize).
+MERGE_RULES = 2
+MERGE_RULES_CHANGES = "2: DARE/DELLA masks from a counter-based hash; TIES keeps entries tied at its threshold"
+
+
+def open_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.Study:
     """Create the study, or load it from the run folder's storage to resume. A run folder made by a
-    different space file is refused."""
+    different space file is refused, and so is one whose trials were merged by other merge rules when
+    its trials are to be merged again (resume, export); reading its results is always allowed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     url = space.storage or f"sqlite:///{run_dir / 'study.db'}"
     storage = sqlite_storage(url) if url.startswith("sqlite") else url
@@ -123,10 +130,16 @@ def open_study(space: Space, run_dir: Path) -> optuna.Study:
         if fp != space.fingerprint():
             raise UserError(f"{run_dir}: this run folder was made by a different search space (fingerprint {fp}, "
                             f"this file {space.fingerprint()}); use --run-dir to start fresh elsewhere or delete the folder")
+        rules = int(study.user_attrs.get("merge_rules", 1))
+        if merging and rules != MERGE_RULES:
+            raise UserError(f"{run_dir}: this run folder was recorded with merge rules version {rules}, this mergeopt "
+                            f"merges with version {MERGE_RULES} ({MERGE_RULES_CHANGES}), so its trials cannot be "
+                            "re-merged or exported exactly; use --run-dir to start fresh elsewhere")
         return study
     study = optuna.create_study(study_name=space.name, storage=storage, sampler=make_sampler(space),
                                 directions=directions(space))
     study.set_user_attr("fingerprint", space.fingerprint())
+    study.set_user_attr("merge_rules", MERGE_RULES)
     study.set_user_attr("space", space.model_dump(mode="json", by_alias=True))
     if space.search.baselines:
         for i, params in enumerate(space.baselines()):
