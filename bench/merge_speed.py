@@ -172,9 +172,13 @@ def main() -> None:
     merger = ResidentMerger(base, experts)
     rows = run_case("zoo", merger, len(experts), bw, max(args.repeats, 10), (base_path, paths) if exe else None)
     # The zoo's tensors are below the compile threshold; the same merges with compiled kernels:
+    mode = os.environ.get("MERGEOPT_COMPILE")
     os.environ["MERGEOPT_COMPILE"] = "1"
     rows += run_case("zoo", merger, len(experts), bw, max(args.repeats, 10), None)
-    os.environ["MERGEOPT_COMPILE"] = "auto"
+    if mode is None:
+        os.environ.pop("MERGEOPT_COMPILE")
+    else:
+        os.environ["MERGEOPT_COMPILE"] = mode
     with tempfile.TemporaryDirectory() as d:  # the streamed merge to disk, for reference
         t = time.perf_counter()
         merge_to_folder(recipe, Path(d) / "out")

@@ -92,7 +92,7 @@ def preflight(space: Space) -> None:
 
 def sqlite_storage(url: str) -> optuna.storages.RDBStorage:
     """SQLite in write-ahead-log mode with `synchronous=NORMAL`: a commit no longer waits for two disk
-    syncs, which halves what the driver spends per trial in the storage, and a killed process still
+    syncs (1.4-2.0x less driver time per trial, `bench/driver_overhead.py`), and a killed process still
     loses no committed trial (only a power cut can undo the last commits). WAL needs a local disk:
     on a shared cluster filesystem, give the space a `storage:` URL of a database server instead."""
     import sqlalchemy
@@ -328,6 +328,7 @@ def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     the libraries' own footprint and, when TIES is searched, the sorted magnitudes of every task vector."""
     from .checkpoints import Checkpoint
     from .merge import resolve_model_path
+    from .methods.task_arithmetic import RANKED_METHODS
 
     ck = Checkpoint(resolve_model_path(space.base_model), **load)
     elem = 2 if space.dtype == "bfloat16" else 4
@@ -335,8 +336,6 @@ def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     shared = params * elem * (1 + len(space.models))
     per_worker = params * 4 * 1.25 + 600 * 2**20  # fp32 model, activations, runtime (torch, lm-eval)
     # TIES looks its thresholds up in each task vector's sorted magnitudes, kept by each worker (float32)
-    from .methods.task_arithmetic import RANKED_METHODS
-
     ranks = params * 4 * len(space.models) if RANKED_METHODS.intersection(space.methods) else 0
     per_worker += ranks
     return {"params": params, "shared_bytes": shared, "driver_bytes": shared, "per_worker_bytes": per_worker,

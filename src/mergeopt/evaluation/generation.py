@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .memo import Memo
+
 
 @torch.inference_mode()
 def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: int,
@@ -48,25 +50,19 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], *, batch_si
 
 
 def generate_encoded(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batches: list[Batch], *,
-                     max_new_tokens: int = 8, decoded: dict[tuple[int, ...], str] | None = None) -> list[str]:
+                     max_new_tokens: int = 8, decoded: Memo | None = None) -> list[str]:
     """Greedy continuations of encoded prompts, in prompt order, decoded without special tokens and
     stripped. `decoded` keeps texts by token sequence across calls: a search's candidates often give
     the same short answers, and decoding is pure."""
     n = sum(len(idx) for idx, _, _ in batches)
     out: list[str] = [""] * n
     eos = tok.eos_token_id
-    cache = {} if decoded is None else decoded
-    if len(cache) > 200_000:
-        cache.clear()
+    memo = Memo() if decoded is None else decoded
     for idx, ids, mask in batches:
         gen = greedy_continue(model, ids, mask, max_new_tokens=max_new_tokens, eos=eos, pad=eos).tolist()
-        rows = [tuple(toks[: toks.index(eos)] if eos in toks else toks) for toks in gen]
-        todo = list(dict.fromkeys(r for r in rows if r not in cache))
-        if todo:
-            cache.update(zip(todo, (t.strip() for t in tok.batch_decode([list(r) for r in todo], skip_special_tokens=True)),
-                             strict=True))
-        for i, r in zip(idx, rows, strict=True):
-            out[i] = cache[r]
+        for i, toks in zip(idx, gen, strict=True):
+            row = tuple(toks[: toks.index(eos)] if eos in toks else toks)
+            out[i] = memo.get(row, lambda row=row: tok.decode(list(row), skip_special_tokens=True).strip())
     return out
 
 

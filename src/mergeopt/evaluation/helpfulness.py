@@ -7,33 +7,11 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..errors import UserError
-
-
-class _DocMemo:
-    """Values computed from a resident document (lm-eval's documents are kept as the same objects for
-    the life of a worker): keyed by the object's id and an extra key, and checked against the object
-    itself, so an id reused by a new object never hits. Bounded: documents that are not resident come
-    as new objects on every call."""
-
-    def __init__(self, limit: int = 200_000):
-        self._values: dict[tuple[int, Any], tuple[Any, Any]] = {}
-        self._limit = limit
-
-    def get(self, doc: Any, extra: Any, compute: Callable[[], Any]) -> Any:
-        key = (id(doc), extra)
-        hit = self._values.get(key)
-        if hit is None or hit[0] is not doc:
-            if len(self._values) > self._limit:
-                self._values.clear()
-            hit = (doc, compute())
-            self._values[key] = hit
-        return hit[1]
+from .memo import DocMemo, Memo
 
 
 def _cache_lm_eval_templates() -> None:
@@ -49,7 +27,7 @@ def _cache_lm_eval_templates() -> None:
     if getattr(u.apply_template, "_mergeopt_cached", False):
         return
     compiled = functools.lru_cache(maxsize=4096)(u.env.from_string)
-    rendered = _DocMemo()
+    rendered = DocMemo()
 
     def apply_template(template: str, doc: dict) -> str:
         return rendered.get(doc, template, lambda: compiled(template).render(**doc))
@@ -66,7 +44,7 @@ class _DocJson:
     def __init__(self) -> None:
         import json
 
-        self._json, self._texts = json, _DocMemo()
+        self._json, self._texts = json, DocMemo()
 
     def __getattr__(self, name: str):
         return getattr(self._json, name)
@@ -77,9 +55,9 @@ class _DocJson:
         return self._texts.get(obj, (kw.get("indent"), kw.get("ensure_ascii", True)), lambda: self._json.dumps(obj, **kw))
 
 
-def _cache_document_json() -> None:
-    """Also keeps the sample log's hashes: lm-eval hashes each document, prompt and target again on
-    every call, and they are the same strings every time."""
+def _cache_sample_log() -> None:
+    """lm-eval's sample log: each document's JSON (`_DocJson`) and the hashes of every document, prompt
+    and target, which lm-eval computes again on every call from the same strings."""
     import functools
 
     import lm_eval.evaluator as ev
@@ -104,12 +82,8 @@ def _greedy_hflm():
         same answers; tokenizing and decoding again cost as much as a tenth of the forward passes."""
 
         def _memo(self, key: tuple, compute):
-            cache = self.__dict__.setdefault("_mergeopt_memo", {})  # per instance: each has its tokenizer
-            if key not in cache:
-                if len(cache) > 100_000:
-                    cache.clear()
-                cache[key] = compute()
-            return cache[key]
+            memo = self.__dict__.setdefault("_mergeopt_memo", Memo(100_000))  # per instance: each has its tokenizer
+            return memo.get(key, compute)
 
         def tok_encode(self, string: str, left_truncate_len=None, add_special_tokens=None) -> list[int]:
             return list(self._memo(("encode", string, left_truncate_len, add_special_tokens),
@@ -171,7 +145,7 @@ def _make_resident(task) -> None:
     # Scoring a response is a pure function of the document and the response, and candidates of one
     # search often give the same answers: keep the scores (keyed by the resident document itself).
     score = task.process_results
-    scored = _DocMemo()
+    scored = DocMemo()
 
     def process_results(doc: dict, results: list) -> dict:
         return dict(scored.get(doc, repr(results), lambda: score(doc, results)))
@@ -195,7 +169,7 @@ class LmEvalHelpfulness:
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
         _cache_lm_eval_templates()
-        _cache_document_json()
+        _cache_sample_log()
         self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
                                  add_bos_token=False)
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)

@@ -8,6 +8,7 @@ from .assets import EvalAssets, PromptRow
 from .generation import Batch, encode_prompts, generate_encoded
 from .judges import Label, build_judge
 from .loglik import continuation_logprobs
+from .memo import Memo
 
 
 def format_prompt(tok, template: str | None, prompt: str) -> str:
@@ -21,8 +22,8 @@ class SafetyScorer:
         self.model, self.tok, self.assets = model, tokenizer, assets
         self.judge = build_judge(assets.judge) if assets.config.mode == "generate" else None
         self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
-        self._decoded: dict[tuple[int, ...], str] = {}  # token ids -> text, across candidates
-        self._labels: dict[tuple, Label] = {}  # (prompt, language, answer, response) -> the judge's label
+        self._decoded = Memo()  # token ids -> text, across candidates
+        self._labels = Memo()  # (prompt, language, answer, response) -> the judge's label
 
     def _texts(self, rows: list[PromptRow]) -> list[str]:
         return [format_prompt(self.tok, self.assets.chat_template, r.prompt) for r in rows]
@@ -53,13 +54,6 @@ class SafetyScorer:
         if hasattr(self.judge, "label_many"):
             return self.judge.label_many([r.prompt for r in rows], responses)
         # A judge is a pure function of the prompt and the response, and candidates repeat responses.
-        if len(self._labels) > 200_000:
-            self._labels.clear()
-        out = []
-        for r, resp in zip(rows, responses, strict=True):
-            key = (r.prompt, r.language, r.answer, resp)
-            lab = self._labels.get(key)
-            if lab is None:
-                lab = self._labels[key] = self.judge.label(resp, r.language, r.answer)
-            out.append(lab)
-        return out
+        return [self._labels.get((r.prompt, r.language, r.answer, resp),
+                                 lambda r=r, resp=resp: self.judge.label(resp, r.language, r.answer))
+                for r, resp in zip(rows, responses, strict=True)]
