@@ -103,6 +103,48 @@ def test_a_resident_evaluator_scores_each_candidate_afresh(test_zoo: Path, score
                 assert staged[k] == pytest.approx(v, abs=1e-9) and whole[k] == pytest.approx(v, abs=1e-9), (name, k)
 
 
+def test_prepare_calls_no_model_and_changes_no_score(test_zoo: Path, scores):
+    """A worker prepares its evaluator at start-up (lm-eval's requests, encoded prompts) with a dry run
+    that must never reach the model and must leave nothing behind that changes a score."""
+    cfg = EvaluationConfig(zoo="test", subset_fraction=0.25)
+    model, tok = _model(test_zoo, "help_en")
+    calls = []
+    inner = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    ev = Evaluator(model, tok, resolve_assets(cfg, "validation"))
+    ev.prepare(["subset", "rest", "full"])
+    assert not calls
+    assert ev.helpfulness is not None and not ev.helpfulness.lm.dry
+    whole, staged = ev.evaluate(), ev.summarize(ev.run("subset") + ev.run("rest"))
+    assert calls
+    for k, v in scores["help_en"].items():
+        if not k.startswith("time/"):
+            assert whole[k] == pytest.approx(v, abs=1e-9) and staged[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_prepare_runs_dry_on_loglikelihood_tasks(test_zoo: Path, tmp_path: Path):
+    """The dry run also covers lm-eval's loglikelihood requests (a multiple-choice task): no model
+    call during it, and the scores after it equal a fresh evaluator's."""
+    src = test_zoo / "eval" / "lm_eval" / "zoo_help_en_validation.yaml"
+    spec = yaml.safe_load(src.read_text())
+    for key in ("tag", "generation_kwargs", "filter_list"):
+        spec.pop(key, None)
+    spec.update(task="zoo_help_en_loglik", output_type="multiple_choice", doc_to_choice="{{[answer, 'yes', 'no']}}",
+                doc_to_target=0, metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    (tmp_path / "loglik.yaml").write_text(yaml.safe_dump(spec))
+    cfg = EvaluationConfig(include_path=str(tmp_path), validation={"tasks": {"en": "zoo_help_en_loglik"}})
+    model, tok = _model(test_zoo, "help_en")
+    fresh = Evaluator(model, tok, resolve_assets(cfg, "validation")).evaluate()
+    calls = []
+    inner = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    ev = Evaluator(model, tok, resolve_assets(cfg, "validation"))
+    ev.prepare(["full"])
+    assert not calls
+    again = ev.evaluate()
+    assert 0 < fresh["helpfulness"] <= 1 and again["helpfulness"] == fresh["helpfulness"]
+
+
 def test_loglik_mode_agrees_with_generation(test_zoo: Path):
     """The fast mode that never generates: report how often it agrees with the judged generations."""
     gen = resolve_assets(EvaluationConfig(zoo="test"), "validation")

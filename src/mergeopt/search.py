@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,8 +241,8 @@ class InlinePool:
         self.results[token] = self.workers[slot].run(params, seed, prune_below)
         return token
 
-    def wait(self, pending: dict) -> tuple[Any, dict]:
-        key = next(iter(pending))
+    def wait(self, pending: dict, timeout: float | None = None) -> tuple[Any, dict] | None:
+        key = next(iter(pending))  # ran at submission: always ready
         return key, self.results.pop(key)
 
     def probe(self, slot: int) -> Any:
@@ -309,8 +310,11 @@ class RayPool:
         """A call that answers once the slot's actor is back (Ray restarts a dead actor)."""
         return self.workers[slot].info.remote()
 
-    def wait(self, pending: dict) -> tuple[Any, dict]:
-        ready, _ = self.ray.wait(list(pending), num_returns=1)
+    def wait(self, pending: dict, timeout: float | None = None) -> tuple[Any, dict] | None:
+        """One finished call and its result; None when none finished within `timeout` seconds."""
+        ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=timeout)
+        if not ready:
+            return None
         try:
             return ready[0], self.ray.get(ready[0])
         except self.ray.exceptions.RayActorError as e:
@@ -401,6 +405,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
         return study
     deadline = time.perf_counter() + space.search.timeout if space.search.timeout else math.inf
     pending: dict[Any, tuple[optuna.trial.Trial | None, int, float]] = {}  # trial None: a probe of a dead worker
+    received: deque[tuple[optuna.trial.Trial, dict, float]] = deque()  # results not yet recorded
     free = list(range(pool.size))
     probes: dict[int, int] = {}  # slot -> probes tried since its worker died
     # With several asynchronous workers, each worker's next candidate is asked while its current trial
@@ -411,7 +416,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     ask_ahead = getattr(pool, "asynchronous", False) and pool.size > 1
 
     def open_trials() -> int:
-        return sum(t is not None for t, _, _ in pending.values()) + len(ahead)
+        return sum(t is not None for t, _, _ in pending.values()) + len(ahead) + len(received)
 
     def room() -> bool:
         return prog.done + open_trials() < n_trials and time.perf_counter() < deadline
@@ -425,44 +430,58 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
         seed = int(trial.user_attrs["seed"])
         pending[pool.submit(slot, trial.params, seed, prune_threshold(space, study))] = (trial, slot, time.perf_counter())
 
+    def receive(key: Any, result: dict) -> None:
+        """A finished call: its worker starts its next candidate at once, the result is recorded later."""
+        trial, slot, t_sub = pending.pop(key)
+        if trial is None:  # a probe: the slot is usable again once its restarted actor answers
+            if result.get("worker_died") and probes.get(slot, 0) < 30:
+                probes[slot] = probes.get(slot, 0) + 1
+                time.sleep(1.0)
+                pending[pool.probe(slot)] = (None, slot, time.perf_counter())
+            elif not result.get("worker_died"):
+                probes.pop(slot, None)
+                free.append(slot)
+            return  # a worker that never comes back is dropped; the others go on
+        wall = time.perf_counter() - t_sub
+        if result.get("worker_died"):
+            pending[pool.probe(slot)] = (None, slot, time.perf_counter())
+        elif slot in ahead and time.perf_counter() < deadline:
+            submit(slot, ahead.pop(slot))
+        else:
+            free.append(slot)
+        received.append((trial, result, wall))
+
+    # The driver's work comes in units (record one result, ask one candidate), the most urgent first;
+    # between units it collects whatever finished, so a worker waits on the driver for one unit at
+    # most, never for a whole round of bookkeeping.
     try:
         while True:
             for slot in [x for x in free if x in ahead and time.perf_counter() < deadline]:  # asked already
                 free.remove(slot)
                 submit(slot, ahead.pop(slot))
-            while free and room():
+            if pending and (got := pool.wait(pending, timeout=0)) is not None:
+                receive(*got)
+                continue
+            if received:
+                trial, result, wall = received.popleft()
+                if _tell(space, study, trial, result, wall):
+                    prog.done += 1
+                if result.get("state") == "complete":
+                    front.add(result["metrics"])
+                prog.best_combined, prog.front_size, prog.hypervolume = front.stats()
+                if on_progress:
+                    on_progress(prog)
+                continue
+            if free and room():  # an idle worker: its candidate is asked now
                 submit(free.pop(0), ask())
-            if ask_ahead:
-                for _, slot, _ in [v for v in pending.values() if v[0] is not None]:
-                    if slot not in ahead and room():
-                        ahead[slot] = ask()
+                continue
+            behind = [slot for t, slot, _ in pending.values() if t is not None and slot not in ahead] if ask_ahead else []
+            if behind and room():
+                ahead[behind[0]] = ask()
+                continue
             if not pending:
                 break
-            k, result = pool.wait(pending)
-            trial, slot, t_sub = pending.pop(k)
-            if trial is None:  # a probe: the slot is usable again once its restarted actor answers
-                if result.get("worker_died") and probes.get(slot, 0) < 30:
-                    probes[slot] = probes.get(slot, 0) + 1
-                    time.sleep(1.0)
-                    pending[pool.probe(slot)] = (None, slot, time.perf_counter())
-                elif not result.get("worker_died"):
-                    probes.pop(slot, None)
-                    free.append(slot)
-                continue  # a worker that never comes back is dropped; the others go on
-            wall = time.perf_counter() - t_sub
-            if result.get("worker_died"):
-                pending[pool.probe(slot)] = (None, slot, time.perf_counter())
-            elif slot in ahead and time.perf_counter() < deadline:  # start it before any bookkeeping
-                submit(slot, ahead.pop(slot))
-            else:
-                free.append(slot)
-            if _tell(space, study, trial, result, wall):
-                prog.done += 1
-            if result.get("state") == "complete":
-                front.add(result["metrics"])
-            prog.best_combined, prog.front_size, prog.hypervolume = front.stats()
-            if on_progress:
-                on_progress(prog)
+            receive(*pool.wait(pending))
     finally:
         if own_pool:
             pool.close()

@@ -105,12 +105,20 @@ class TrialWorker:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device)
+        self.evaluator.prepare(self.stages())
         self.forward_s = 0.0
         time_forward(self.model, self)
         self.startup_s = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "startup_s": self.startup_s}
+
+    def stages(self) -> list[str]:
+        """The evaluation stages of a trial: the subset then the rest when a pruner may stop a candidate
+        after the subset; else everything in one pass."""
+        if self.evaluator.multi_fidelity and self.space.search.pruner != "none":
+            return ["subset", "rest"]
+        return ["full"]
 
     def run(self, params: dict[str, Any], seed: int, prune_below: float | None = None) -> dict[str, Any]:
         """Merge the candidate and evaluate it. With multi-fidelity and a pruner, the subset is scored
@@ -129,7 +137,7 @@ class TrialWorker:
         out["merge_s"] = t1 - t0
         try:
             ev = self.evaluator
-            if ev.multi_fidelity and self.space.search.pruner != "none":
+            if self.stages() != ["full"]:
                 first = ev.run("subset")
                 sub = ev.summarize(first)
                 sub["combined"] = combined_score(self.space, sub)

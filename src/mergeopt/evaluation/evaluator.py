@@ -72,23 +72,41 @@ class Evaluator:
     def multi_fidelity(self) -> bool:
         return bool(self.assets.config.subset_fraction)
 
-    def run(self, stage: str = "full") -> Partial:
-        """Score one stage: `subset`, `rest`, or `full` (everything, in one pass)."""
-        part = Partial()
+    def _help_indices(self, stage: str) -> dict[str, list[int]] | None:
+        return None if stage == "full" else self.stages[stage].get("help", {})
+
+    def _prompt_rows(self, stage: str) -> tuple[list, list[tuple[str, str]]]:
+        """The red-team and benign rows of a stage, and the (kind, language) of each."""
         sel = None if stage == "full" else self.stages[stage]
-        if self.helpfulness is not None:
-            t = time.perf_counter()
-            idx = None if sel is None else sel.get("help", {})
-            if idx is None or any(idx.values()):
-                part.help = self.helpfulness.score(idx)
-            part.seconds["helpfulness"] = time.perf_counter() - t
-        t = time.perf_counter()
         rows, keys = [], []
         for kind, per in (("harmful", self.assets.harmful), ("benign", self.assets.benign)):
             for lg, items in per.items():
                 chosen = items if sel is None else [items[i] for i in sel[kind][lg]]
                 rows.extend(chosen)
                 keys.extend([(kind, lg)] * len(chosen))
+        return rows, keys
+
+    def prepare(self, stages: list[str]) -> None:
+        """Build, without calling the model, what every candidate's evaluation of these stages reuses:
+        lm-eval's requests and encoded contexts, the formatted and encoded prompts. A worker does this at
+        start-up, so no trial carries one-off costs."""
+        for stage in stages:
+            idx = self._help_indices(stage)
+            if self.helpfulness is not None and (idx is None or any(idx.values())):
+                self.helpfulness.prepare(idx)
+            self.safety.prepare(self._prompt_rows(stage)[0])
+
+    def run(self, stage: str = "full") -> Partial:
+        """Score one stage: `subset`, `rest`, or `full` (everything, in one pass)."""
+        part = Partial()
+        if self.helpfulness is not None:
+            t = time.perf_counter()
+            idx = self._help_indices(stage)
+            if idx is None or any(idx.values()):
+                part.help = self.helpfulness.score(idx)
+            part.seconds["helpfulness"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rows, keys = self._prompt_rows(stage)
         labels = self.safety.label(rows)
         for (kind, lg), lab in zip(keys, labels, strict=True):
             getattr(part, kind).setdefault(lg, []).append(lab)

@@ -81,6 +81,8 @@ def _greedy_hflm():
         has decoded: a search sends the same contexts on every call and its candidates often give the
         same answers; tokenizing and decoding again cost as much as a tenth of the forward passes."""
 
+        dry = False  # set by `LmEvalHelpfulness.prepare`: lm-eval's work runs, the model is never called
+
         def _memo(self, key: tuple, compute):
             memo = self.__dict__.setdefault("_mergeopt_memo", Memo(100_000))  # per instance: each has its tokenizer
             return memo.get(key, compute)
@@ -101,7 +103,15 @@ def _greedy_hflm():
                               lambda: super(GreedyHFLM, self).tok_batch_encode(strings, padding_side, left_truncate_len,
                                                                                truncation))
 
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if self.dry:  # uniform logits, the shape the model would give
+                vocab = max(int(self.model.config.vocab_size), len(self.tokenizer))
+                return torch.zeros(*inps.shape, vocab, device=inps.device)
+            return super()._model_call(inps, attn_mask, labels)
+
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            if self.dry:  # one end-of-sequence token per row
+                return torch.cat([context, torch.full_like(context[:, :1], self.tokenizer.eos_token_id)], dim=1)
             sampling = generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0, 0.0, None)
             if sampling or self.backend != "causal":
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
@@ -191,6 +201,17 @@ class LmEvalHelpfulness:
             metric = next(iter(task.aggregation()))
             self.metric[name] = (metric, bool(task.higher_is_better().get(metric, True)))
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
+
+    def prepare(self, indices: dict[str, list[int]] | None = None) -> None:
+        """A dry run of `score` on the same selection, with the model never called: lm-eval builds the
+        requests (kept by `_make_resident`), the contexts are encoded and the documents' sample-log
+        entries made. The first candidate then pays none of these one-off costs, so its timings are like
+        every other's, and a task that lm-eval cannot run fails at start-up, before any trial."""
+        self.lm.dry = True
+        try:
+            self.score(indices)
+        finally:
+            self.lm.dry = False
 
     def score(self, indices: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
         """Per-document scores (higher is better) per language, for the given document indices."""

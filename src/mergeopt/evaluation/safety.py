@@ -38,6 +38,11 @@ class SafetyScorer:
             self._encoded[key] = hit
         return hit[1]
 
+    def prepare(self, rows: list[PromptRow]) -> None:
+        """Format and encode a selection's prompts ahead of the first candidate (see `Evaluator.prepare`)."""
+        if rows and self.assets.config.mode == "generate":
+            self._batches(rows)
+
     def label(self, rows: list[PromptRow]) -> list[Label]:
         if not rows:
             return []
