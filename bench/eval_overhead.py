@@ -48,6 +48,26 @@ def _merges(root: Path) -> dict[str, dict]:
     return out
 
 
+def _argmax_timings(zoo_vocab: int, rows: int = 128, calls: int = 300) -> dict[int, dict[str, float]]:
+    """The greedy token of each row, torch's CPU argmax against the numpy path `greedy_tokens` takes;
+    the zoo's vocabulary and a 32K one. The two must agree."""
+    from mergeopt.evaluation.generation import greedy_tokens
+
+    out = {}
+    for vocab in (zoo_vocab, 32_000):
+        logits = torch.randn(rows, 1, vocab, generator=torch.Generator().manual_seed(vocab))
+        assert torch.equal(logits[:, -1].argmax(-1), greedy_tokens(logits))
+        times = {}
+        for name, fn in (("torch_us", lambda x=logits: x[:, -1].argmax(-1)), ("numpy_us", lambda x=logits: greedy_tokens(x))):
+            fn()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name] = (time.perf_counter() - t) / calls * 1e6
+        out[vocab] = times
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=1, help="passes over the candidates")
@@ -107,10 +127,15 @@ def main() -> None:
         total += len(pairs)
     print(f"loglik harm mode: agrees with judged generations on {agree / total:.1%} of {total} usable responses "
           f"(4 zoo models); {t_ll:.3f} s against {t_gen:.3f} s for generation + judge")
+    argmax = _argmax_timings(len(tok))
+    print("greedy token choice per decoding step, 128 rows: " + "; ".join(
+        f"vocabulary {v}: torch argmax {a['torch_us']:.0f} us, numpy {a['numpy_us']:.0f} us ({a['torch_us'] / a['numpy_us']:.1f}x)"
+        for v, a in argmax.items()))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": rows, "best": best, "overhead_share": overhead, "items": n_items,
-                               "loglik_agreement": agree / total, "loglik_s": t_ll, "generate_s": t_gen}, indent=2))
+                               "loglik_agreement": agree / total, "loglik_s": t_ll, "generate_s": t_gen,
+                               "argmax": argmax}, indent=2))
     print(f"wrote {out}")
 
 

@@ -9,29 +9,41 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .memo import Memo
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row's last position. On CPU the argmax runs in numpy, with the same
+    rule (the first maximum; a NaN counts as the maximum): torch's CPU argmax over a vocabulary row is
+    several times slower (`bench/eval_overhead.py` measures both)."""
+    last = logits[:, -1]
+    if last.device.type == "cpu" and last.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(last.numpy().argmax(-1))
+    return last.argmax(-1)
+
+
 @torch.inference_mode()
 def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: int,
                     pad: int) -> torch.Tensor:
     """Greedy new tokens for a left-padded batch, [batch, <= max_new_tokens]; `pad` after a row's EOS.
-    Stops as soon as every row has produced EOS."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    Stops as soon as every row has produced EOS. The attention mask and positions of every step are
+    views of tensors made once, so a step costs the forward pass and a handful of small operations."""
+    rows, width = ids.shape
+    full_mask = torch.ones(rows, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
+    full_mask[:, :width] = mask
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    out = torch.full((rows, max_new_tokens), pad, dtype=ids.dtype, device=ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     past = None
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    new: list[torch.Tensor] = []
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+    step_ids, step_pos = ids, positions[:, :width]
+    for step in range(max_new_tokens):
+        res = model(input_ids=step_ids, attention_mask=full_mask[:, : width + step], position_ids=step_pos,
+                    past_key_values=past, use_cache=True)
         past = res.past_key_values
-        nxt = res.logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        new.append(nxt)
+        nxt = greedy_tokens(res.logits).to(ids.device).masked_fill_(done, pad)
+        out[:, step] = nxt
         done |= nxt == eos
         if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        pos = pos[:, -1:] + 1
-    return torch.stack(new, dim=1)
+            return out[:, : step + 1]
+        step_ids, step_pos = nxt[:, None], positions[:, width + step: width + step + 1]
+    return out
 
 
 Batch = tuple[list[int], torch.Tensor, torch.Tensor]  # (prompt indices, input ids, attention mask)
