@@ -272,7 +272,8 @@ class RayPool:
                "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if address is None:  # a private local instance needs no token; a cluster keeps its own setting
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # The core worker warns that restartable actors take object-store arguments; the reference is
         # kept alive by this pool for the whole study, so the restart it warns about cannot fail here.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")

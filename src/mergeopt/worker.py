@@ -40,25 +40,30 @@ def unpack_tensors(payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], li
     return base, taus
 
 
-def load_resident(space, *, allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Open and check the space's models; return (base checkpoint, ResidentMerger)."""
+def load_resident(space, *, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Open and check the space's models; return (base checkpoint, ResidentMerger on `device`)."""
     from .merge import ResidentMerger, open_models
 
     recipe = space.recipe(space.baselines()[0] if space.distributions() else {}, 0)
     base, experts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     dtype = torch.bfloat16 if space.dtype == "bfloat16" else torch.float32
-    return base, ResidentMerger(base, experts, dtype=dtype)
+    return base, ResidentMerger(base, experts, dtype=dtype, device=device)
 
 
 def time_forward(model: torch.nn.Module, sink: Any, attr: str = "forward_s") -> None:
     """Accumulate the wall time of the model's forward passes into `sink.<attr>`: what the evaluation
-    spends in the model itself, against everything around it."""
+    spends in the model itself, against everything around it. On a GPU each pass is waited for, so its
+    time is the kernels' and not only their launch."""
     inner = model.forward
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else None
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         try:
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+            if sync is not None:
+                sync()
+            return out
         finally:
             setattr(sink, attr, getattr(sink, attr) + time.perf_counter() - t)
 
@@ -95,7 +100,8 @@ class TrialWorker:
                 taus = [{k: v.to(self.device) for k, v in t.items()} for t in taus]
             self.merger = ResidentMerger.from_tensors(base_t, taus, base_ck.num_layers)
         else:
-            base_ck, self.merger = load_resident(self.space, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            base_ck, self.merger = load_resident(self.space, device=self.device, allow_pickle=allow_pickle,
+                                                 trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=torch.float32,
                                                           use_safetensors=None if allow_pickle else True,
                                                           trust_remote_code=trust_remote_code)
@@ -133,6 +139,8 @@ class TrialWorker:
         out: dict[str, Any] = {"worker": self.worker_id, "pid": os.getpid()}
         recipe = self.space.recipe(params, seed)
         self.merger.merge_into(self.model, recipe)
+        if torch.device(self.device).type == "cuda":  # the merge's kernels, not only their launch
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         out["merge_s"] = t1 - t0
         try:

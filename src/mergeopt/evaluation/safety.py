@@ -29,12 +29,14 @@ class SafetyScorer:
         return [format_prompt(self.tok, self.assets.chat_template, r.prompt) for r in rows]
 
     def _batches(self, rows: list[PromptRow]) -> list[Batch]:
-        """The formatted, encoded prompts of a row selection, kept: every candidate is scored on the same
-        rows, and a chat template costs a Jinja rendering per prompt."""
+        """The formatted, encoded prompts of a row selection, kept on the model's device: every candidate
+        is scored on the same rows, and a chat template costs a Jinja rendering per prompt."""
         key = tuple(map(id, rows))
         hit = self._encoded.get(key)
         if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):
-            hit = (list(rows), encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size))
+            dev = self.model.device
+            batches = encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size)
+            hit = (list(rows), [(idx, ids.to(dev), mask.to(dev)) for idx, ids, mask in batches])
             self._encoded[key] = hit
         return hit[1]
 
