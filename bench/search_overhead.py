@@ -5,7 +5,7 @@ second with 1 and with 2 workers (start-up excluded: from the first trial's star
 and the memory of each worker (USS: its own pages; PSS: with the shared pages, such as the task vectors
 in Ray's object store, split among the processes that map them).
 
-    python bench/search_overhead.py [--trials 24] [--json runs/bench/search_overhead.json]
+    python bench/search_overhead.py [--trials 40] [--json runs/bench/search_overhead.json]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run(space_ref: str, workers: int, trials: int, run_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default="search_spaces/safety_multilingual.yaml")
-    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--trials", type=int, default=40, help="per run; the embedded study's own n_trials")
     ap.add_argument("--json", default="runs/bench/search_overhead.json")
     args = ap.parse_args()
     m = machine()
