@@ -1,7 +1,7 @@
 """Per-candidate latency of the in-memory merge, against the memory-bandwidth bound measured in the
 same run, and against a `mergekit-yaml` call on the same recipe when mergekit is installed.
 
-TIES and DARE run the fused kernel (`methods/fused.py`): compiled for tensors of 4M entries or more
+TIES and DARE run the fused kernel (`methods/fused.py`): compiled for tensors of 2**18 entries or more
 (`MERGEOPT_COMPILE=auto`), eager below; the zoo is also timed with every tensor compiled.
 
 The bound: bytes a merge must move (read the base and every task vector, write the output) divided by
