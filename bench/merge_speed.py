@@ -7,7 +7,8 @@ TIES and DARE run the fused kernel (`methods/fused.py`): compiled for tensors of
 The bound: bytes a merge must move (read the base and every task vector, write the output) divided by
 the copy bandwidth torch reaches on this machine (a large tensor copy, read + write).
 
-    python bench/merge_speed.py [--quick] [--params 300e6] [--experts 4] [--json runs/bench/merge_speed.json]
+    python bench/merge_speed.py [--quick] [--params 300e6] [--experts 4] [--device cuda --no-zoo]
+                                [--json runs/bench/merge_speed.json]
 """
 
 from __future__ import annotations
@@ -41,15 +42,23 @@ METHODS = {
 TARGETS = {"linear": 2.0, "task_arithmetic": 2.0, "ties": 4.0, "dare_ties": 4.0, "dare_linear": 4.0}
 
 
-def copy_bandwidth(nbytes: int = 512 * 1024**2, repeats: int = 5) -> float:
+def wait(device: str) -> None:
+    """Let a GPU finish its queued kernels, so a timing counts them and not only their launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 512 * 1024**2, repeats: int = 5, device: str = "cpu") -> float:
     """Bytes moved per second (read + write) by a large float32 copy."""
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    wait(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         dst.copy_(src)
+        wait(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
 
@@ -61,7 +70,7 @@ def recipe_for(method: str, base: str, experts: list[str]) -> Recipe:
                                   "seed": 1})
 
 
-def synthetic_model(params: float, experts: int, layers: int = 8) -> tuple[dict, list[dict], int]:
+def synthetic_model(params: float, experts: int, layers: int = 8, device: str = "cpu") -> tuple[dict, list[dict], int]:
     """A Llama-shaped set of tensors of about `params` parameters and `experts` small task vectors."""
     vocab = 32000
     # params = 2 * vocab * h + layers * (4 h^2 + 3 * 4 h^2) -> solve for h, rounded to a multiple of 64
@@ -74,20 +83,22 @@ def synthetic_model(params: float, experts: int, layers: int = 8) -> tuple[dict,
                        p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
                        p + "mlp.up_proj.weight": (4 * hidden, hidden), p + "mlp.gate_proj.weight": (4 * hidden, hidden),
                        p + "mlp.down_proj.weight": (hidden, 4 * hidden), p + "input_layernorm.weight": (hidden,)})
-    g = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-    taus = [{k: torch.randn(s, generator=g) * 0.001 for k, s in shapes.items()} for _ in range(experts)]
+    g = torch.Generator(device=device).manual_seed(0)
+    base = {k: torch.randn(s, generator=g, device=device) * 0.02 for k, s in shapes.items()}
+    taus = [{k: torch.randn(s, generator=g, device=device) * 0.001 for k, s in shapes.items()} for _ in range(experts)]
     return base, taus, layers
 
 
 def time_resident(merger: ResidentMerger, recipe: Recipe, repeats: int) -> tuple[float, float, str]:
     """Best wall time of one full merge into resident buffers, the first merge's time (rank memo and
     kernel compilation, as a worker's first trial pays them) and the kernel path the large tensors took."""
+    device = str(next(iter(merger.base.values())).device)
     targets = {k: torch.empty_like(v) for k, v in merger.base.items()}
     fused.calls.clear()
     t = time.perf_counter()
     for _ in merger.merged(recipe, targets):
         pass
+    wait(device)
     first = time.perf_counter() - t
     path = "compiled" if fused.calls["compiled"] else "eager" if fused.calls["eager"] else "-"
     best = float("inf")
@@ -96,6 +107,7 @@ def time_resident(merger: ResidentMerger, recipe: Recipe, repeats: int) -> tuple
         for n, tensor in merger.merged(recipe, targets):
             if tensor.data_ptr() != targets[n].data_ptr():
                 targets[n].copy_(tensor)
+        wait(device)
         best = min(best, time.perf_counter() - t)
     return best, first, path
 
@@ -148,13 +160,35 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the resident tensors live and merge (cuda: a GPU)")
+    ap.add_argument("--no-zoo", action="store_true", help="the synthetic model only (no zoo build, no mergekit)")
     ap.add_argument("--json", default="runs/bench/merge_speed.json")
     args = ap.parse_args()
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(device=args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} thread(s); copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
+          f"{args.threads} thread(s); merging on {where}; copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
+    rows: list[dict] = []
+    if not args.no_zoo:
+        rows += zoo_rows(args, bw)
+    if not args.quick:
+        b, taus, layers = synthetic_model(args.params, args.experts, device=args.device)
+        big = ResidentMerger.from_tensors(b, taus, layers)
+        rows += run_case(f"{sum(v.numel() for v in b.values()) / 1e6:.0f}M", big, args.experts, bw, args.repeats, None)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                           "threads": args.threads, "copy_gbps": bw / 1e9, "cuda": torch.cuda.is_available(),
+                                           "device": where},
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def zoo_rows(args: argparse.Namespace, bw: float) -> list[dict]:
+    """The zoo's merges: eager (the default there), against mergekit-yaml when it is installed, then
+    with every tensor compiled; and the streamed merge to disk for reference."""
     exe = shutil.which("mergekit-yaml") or os.environ.get("MERGEKIT_YAML")
     if not exe:
         print("mergekit-yaml not found: install mergekit (LGPL, optional) or set MERGEKIT_YAML to compare against it")
@@ -169,7 +203,7 @@ def main() -> None:
     from mergeopt.merge import open_models
 
     base, experts = open_models(recipe)
-    merger = ResidentMerger(base, experts)
+    merger = ResidentMerger(base, experts, device=args.device)
     rows = run_case("zoo", merger, len(experts), bw, max(args.repeats, 10), (base_path, paths) if exe else None)
     # The zoo's tensors are below the compile threshold; the same merges with compiled kernels:
     mode = os.environ.get("MERGEOPT_COMPILE")
@@ -183,16 +217,7 @@ def main() -> None:
         t = time.perf_counter()
         merge_to_folder(recipe, Path(d) / "out")
         print(f"       zoo  streamed merge to disk (task_arithmetic): {(time.perf_counter() - t) * 1000:.0f} ms")
-    if not args.quick:
-        b, taus, layers = synthetic_model(args.params, args.experts)
-        big = ResidentMerger.from_tensors(b, taus, layers)
-        rows += run_case(f"{sum(v.numel() for v in b.values()) / 1e6:.0f}M", big, args.experts, bw, args.repeats, None)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                           "threads": args.threads, "copy_gbps": bw / 1e9, "cuda": torch.cuda.is_available()},
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    return rows
 
 
 if __name__ == "__main__":

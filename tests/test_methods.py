@@ -164,8 +164,9 @@ def _reference(method: str, base, taus, models, params, ctx):
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_blockwise_merge_matches_whole_tensor_reference(method, normalize):
-    """Tensors spanning several blocks, a cached rank memo, and writing into a destination buffer."""
+def test_blockwise_merge_matches_whole_tensor_reference(method, normalize, monkeypatch):
+    """Tensors spanning several blocks, a cached rank memo, and writing into a destination buffer; the
+    GPU's block size (one block here) gives the same bits as the CPU's."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(700, 1000, generator=g)
     taus = [torch.randn(700, 1000, generator=g) * 0.01 for _ in range(3)]
@@ -186,6 +187,14 @@ def test_blockwise_merge_matches_whole_tensor_reference(method, normalize):
         assert memo
         # one merge without a memo selects the threshold instead of sorting: the same bits
         assert torch.equal(spec.fn(base, taus, models, params, TensorContext(ctx.name, 5)), got)
+    from mergeopt.methods import fused
+
+    monkeypatch.setenv("MERGEOPT_COMPILE", "0")
+    eager = spec.fn(base, taus, models, params, TensorContext(ctx.name, 5, memo=memo))
+    monkeypatch.setattr(fused, "CHUNK", fused.DEVICE_CHUNK)
+    eager_calls = fused.calls["eager"]
+    assert torch.equal(spec.fn(base, taus, models, params, TensorContext(ctx.name, 5, memo=memo)), eager)
+    assert fused.calls["eager"] > eager_calls
 
 
 def test_mask_bits_are_counter_based_and_match_the_reference():
