@@ -54,7 +54,7 @@ def ray_pool(space: Space, workers: int):
     """Warm Ray workers for many studies on the same models and evaluation."""
     import torch
 
-    from mergeopt.search import RayPool
+    from mergeopt.loop.ray_pool import RayPool
 
     torch.set_num_threads(1)
     return RayPool(space, workers, None)
@@ -78,7 +78,8 @@ def recipe_params(space: Space, method: str, weights: dict[str, float], density:
 
 def run_recipes(space: Space, params: list[dict[str, Any]], run_dir: Path, pool) -> optuna.Study:
     """Evaluate exactly these parameter sets (validation split), one trial each, on the pool."""
-    from mergeopt.search import open_study, run_study
+    from mergeopt.loop.store import open_study
+    from mergeopt.search import run_study
 
     fixed = with_search(space, sampler="random", baselines=False, n_trials=len(params))
     study = open_study(fixed, run_dir)

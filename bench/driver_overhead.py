@@ -1,5 +1,5 @@
 """What the search driver spends per trial, without any worker: Optuna's ask, then recording a result
-(the driver's own `_tell`: the result's attributes and Optuna's tell), on the embedded study's space
+(the driver's own `store.record`: the result's attributes and Optuna's tell), on the embedded study's space
 with seeded synthetic metrics. Per sampler, on SQLite in its default journal mode (the baseline,
 measured in the same run) and in the write-ahead-log mode mergeopt uses.
 
@@ -20,7 +20,8 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, machine_line, with_search, write_json  # noqa: E402
 
-import mergeopt.search as search  # noqa: E402
+from mergeopt.loop import storage, store  # noqa: E402
+from mergeopt.result import TrialResult  # noqa: E402
 from mergeopt.space import load_space  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def run(space, trials: int) -> dict[str, float]:
     rng = random.Random(0)
     ask_s = tell_s = 0.0
     with tempfile.TemporaryDirectory() as d:
-        study = search.open_study(with_search(space, baselines=False), Path(d))
+        study = store.open_study(with_search(space, baselines=False), Path(d))
         for _ in range(trials):
             t = time.perf_counter()
             trial = study.ask(space.distributions())
@@ -40,9 +41,8 @@ def run(space, trials: int) -> dict[str, float]:
             help_, harm = rng.random(), rng.random()
             metrics = {"helpfulness": help_, "harm": harm, "over_refusal": 0.0, "unusable": 0.0,
                        "combined": help_ - harm}
-            result = {"worker": 0, "merge_s": 0.05, "eval_s": 0.4, "forward_s": 0.38, "state": "complete",
-                      "metrics": metrics}
-            search._tell(space, study, trial, result, 0.45)
+            result = TrialResult(state="complete", worker=0, merge_s=0.05, eval_s=0.4, forward_s=0.38, metrics=metrics)
+            store.record(space, study, trial, result, 0.45)
             ask_s += t1 - t
             tell_s += time.perf_counter() - t1
     return {"ask_ms": 1000 * ask_s / trials, "tell_ms": 1000 * tell_s / trials, "total_ms": 1000 * (ask_s + tell_s) / trials}
@@ -57,16 +57,16 @@ def main() -> None:
     args = ap.parse_args()
     m = machine()
     print(f"machine: {machine_line(m)}; {args.trials} trials, no workers")
-    wal_storage = search.sqlite_storage
+    wal_storage = storage.sqlite_storage
     rows = []
     for sampler in args.samplers.split(","):
         space = with_search(load_space(args.space), sampler=sampler)
         run(space, 3)  # warm-up: the sampler's imports and first-use costs are not per-trial costs
-        search.sqlite_storage = plain_sqlite
+        storage.sqlite_storage = plain_sqlite
         try:
             base = run(space, args.trials)
         finally:
-            search.sqlite_storage = wal_storage
+            storage.sqlite_storage = wal_storage
         wal = run(space, args.trials)
         rows.append({"sampler": sampler, "default_journal": base, "wal": wal,
                      "storage_ratio": base["total_ms"] / wal["total_ms"]})

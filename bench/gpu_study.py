@@ -51,9 +51,9 @@ class Sampler(threading.Thread):
 
 
 def run(space_ref: str, workers: int, gpus: float, trials: int, sampling: dict, address: str | None) -> dict:
-    import ray
 
-    from mergeopt.search import RayPool, run_study
+    from mergeopt.loop.ray_pool import RayPool
+    from mergeopt.search import run_study
 
     space = with_search(load_space(space_ref), n_trials=trials, workers=workers, gpus_per_worker=gpus)
     pool = RayPool(space, workers, address)
@@ -62,7 +62,7 @@ def run(space_ref: str, workers: int, gpus: float, trials: int, sampling: dict, 
         sampling["sampler"].start()
     sampler = sampling["sampler"]
     try:
-        devices = [ray.get(w.info.remote())["device"] for w in pool.workers]
+        devices = [w["device"] for w in pool.workers()]
         with tempfile.TemporaryDirectory() as d:
             study = run_study(space, Path(d), n_trials=trials, workers=workers, pool=pool)
     finally:

@@ -88,7 +88,7 @@ def main() -> None:
 
     def add_trial(name: str, trial, evals: int, recipe: str) -> None:
         res = test.run(trial.params, int(trial.user_attrs["seed"]))
-        add(name, res["metrics"], evals, trial.user_attrs["metrics"]["combined"], recipe)
+        add(name, res.metrics, evals, trial.user_attrs["metrics"]["combined"], recipe)
 
     pool = ray_pool(space, args.workers)
     try:

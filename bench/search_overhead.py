@@ -34,7 +34,7 @@ def run(space_ref: str, workers: int, trials: int, run_dir: Path) -> dict:
     pool = ray_pool(space, workers)
     try:
         study = run_study(space, run_dir, n_trials=trials, workers=workers, pool=pool)
-        pids = [ray.get(w.info.remote())["pid"] for w in pool.workers]
+        pids = [w["pid"] for w in pool.workers()]
         mem = [psutil.Process(pid).memory_full_info() for pid in pids]
     finally:
         pool.close()

@@ -25,11 +25,11 @@ def test_a_worker_on_the_gpu_scores_like_one_on_the_cpu(test_zoo: Path, tmp_path
     assert next(gpu.model.parameters()).device.type == "cuda"
     for params in (space.baselines()[0], {**space.baselines()[0], "method": "ties"}):
         a, b = gpu.run(params, seed=3), cpu.run(params, seed=3)
-        assert a["state"] == b["state"] == "complete", (a.get("reason"), b.get("reason"))
-        assert a["forward_s"] > 0 and a["merge_s"] > 0
-        for k, v in b["metrics"].items():
+        assert a.state == b.state == "complete", (a.reason, b.reason)
+        assert a.forward_s > 0 and a.merge_s > 0
+        for k, v in b.metrics.items():
             if not k.startswith("time/"):
-                assert a["metrics"][k] == pytest.approx(v, abs=0.03), k
+                assert a.metrics[k] == pytest.approx(v, abs=0.03), k
     # DARE's masks come from a counter-based hash, so the GPU drops exactly the entries the CPU drops.
     recipe = space.recipe({**space.baselines()[0], "method": "dare_linear"}, 5)
     on_gpu, on_cpu = dict(gpu.merger.merged(recipe)), dict(cpu.merger.merged(recipe))

@@ -81,16 +81,16 @@ def test_pruner_stops_a_candidate_on_the_subset_and_without_one_a_candidate_is_s
     worker = TrialWorker(pruned.model_dump(mode="json", by_alias=True))
     params = pruned.baselines()[0]
     low = worker.run(params, seed=1, prune_below=10.0)  # no candidate reaches a combined score of 10
-    assert low["state"] == "pruned" and "subset" in low and "metrics" not in low
+    assert low.state == "pruned" and low.subset is not None and not low.metrics
     staged = worker.run(params, seed=1, prune_below=-10.0)
-    assert staged["state"] == "complete" and "subset" in staged
+    assert staged.state == "complete" and staged.subset is not None
     plain = load_space(str(_test_space(tmp_path, pruner="none")))
     worker.space = plain
     whole = worker.run(params, seed=1)
-    assert whole["state"] == "complete" and "subset" not in whole
-    for k, v in staged["metrics"].items():
+    assert whole.state == "complete" and whole.subset is None
+    for k, v in staged.metrics.items():
         if not k.startswith("time/"):
-            assert whole["metrics"][k] == pytest.approx(v, abs=1e-9), k
+            assert whole.metrics[k] == pytest.approx(v, abs=1e-9), k
 
 
 def test_a_timeout_leaves_no_trial_running_and_the_next_run_reuses_what_was_asked(test_zoo: Path, tmp_path: Path):
@@ -173,7 +173,7 @@ def test_schema_is_json_schema():
 def test_memory_plan_counts_ties_ranks_per_worker(test_zoo: Path, tmp_path: Path):
     """A space that searches TIES keeps every task vector's sorted magnitudes in each worker (4 bytes per
     parameter and expert); the pre-flight memory check must count them."""
-    from mergeopt.search import memory_plan
+    from mergeopt.loop.preflight import memory_plan
     from mergeopt.space import load_space
 
     space = load_space(str(_test_space(tmp_path)))
@@ -190,7 +190,7 @@ def test_a_study_recorded_under_other_merge_rules_is_read_but_not_resumed(test_z
     study cannot be resumed or exported exactly, so it is refused with a one-line reason, and its
     results can still be read."""
     from mergeopt.errors import UserError
-    from mergeopt.search import MERGE_RULES, open_study
+    from mergeopt.loop.store import MERGE_RULES, open_study
     from mergeopt.space import load_space
 
     space = load_space(str(_test_space(tmp_path)))

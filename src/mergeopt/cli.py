@@ -10,9 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .errors import StudyIncomplete, UserError
 
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3  # the study stopped before its trials were done; the message says how to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def _zoo_table(zoo: dict, split: str) -> Table:
@@ -152,18 +154,37 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from .search import run_study
 
     t0 = time.perf_counter()
+    resume = _resume_command(args, run_dir)
+    last: dict = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
-                  TextColumn("best {task.fields[best]}  front {task.fields[front]}  HV {task.fields[hv]}"),
+                  TextColumn("best {task.fields[best]}  front {task.fields[front]}  HV {task.fields[hv]}  {task.fields[note]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=args.quiet) as bar:
-        task = bar.add_task("optimize", total=space.search.n_trials, best="-", front=0, hv="-")
+        task = bar.add_task("checking", total=space.search.n_trials, best="-", front=0, hv="-", note="")
+
+        def on_phase(name: str) -> None:
+            bar.update(task, description=name)
 
         def on_progress(p) -> None:
+            last["p"] = p
+            note = f"{p.restarts} worker(s) replaced" if p.restarts else ""
             bar.update(task, completed=p.done, best=f"{p.best_combined:+.3f}" if p.best_combined > -1e9 else "-",
-                       front=p.front_size, hv=f"{p.hypervolume:.3f}")
+                       front=p.front_size, hv=f"{p.hypervolume:.3f}", note=note)
 
-        study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
-                          address=args.address, backend=args.backend, on_progress=on_progress,
-                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        try:
+            study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
+                              address=args.address, backend=args.backend, on_progress=on_progress, on_phase=on_phase,
+                              allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                              dashboard=args.ray_dashboard)
+        except StudyIncomplete as e:
+            raise StudyIncomplete(f"{space.name}: stopped with {e.done} of {e.total} trials finished: {e.cause}; "
+                                  f"resume with: {resume}", e.done, e.total) from None
+        except KeyboardInterrupt:
+            raise StudyIncomplete(f"{space.name}: interrupted; finished trials are kept in {run_dir}; "
+                                  f"resume with: {resume}", 0, 0, interrupted=True) from None
+    p = last.get("p")
+    if p is not None and p.phase == "timed out":
+        console.print(f"stopped at search.timeout ({space.search.timeout:g} s) with {p.done} of {p.total} trials "
+                      f"finished; resume with: {resume}")
     summary = write_reports(space, study, run_dir, elapsed_s=time.perf_counter() - t0)
     _print_front(Console(width=max(Console().width, 130)), space, summary)
     if not args.no_export and summary.get("best"):
@@ -177,6 +198,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         picked = json.loads((folder / "submission.json").read_text())["trial"]
         console.print(f"exported trial {picked}, the Pareto-best merge by pick rule {space.pick!r}, to {folder}")
     return 0
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    import shlex
+
+    cmd = ["optimize", "--space", args.space, "--run-dir", str(run_dir)]
+    for flag in ("n_trials", "workers", "sampler", "seed", "address"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.backend != "ray":
+        cmd += ["--backend", args.backend]
+    return shlex.join(cmd)
 
 
 def _print_front(console: Console, space, summary: dict) -> None:
@@ -216,7 +249,7 @@ def _print_front(console: Console, space, summary: dict) -> None:
 
 
 def _load_run(run_dir: str, *, merging: bool = False):
-    from .search import open_study
+    from .loop.store import open_study
     from .space import Space
 
     p = Path(run_dir)
@@ -239,7 +272,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .search import Front, finished
+    from .loop.progress import Front
+    from .loop.store import finished
 
     space, study = _load_run(args.run_dir)
     done = len(finished(study))
@@ -350,17 +384,30 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 
 def add_optimize_args(o: argparse.ArgumentParser) -> None:
     o.add_argument("--space", required=True, help="search-space YAML (a bare name is looked up in search_spaces/)")
-    o.add_argument("--n-trials", type=int, help="trials in the study (resumed trials count)")
-    o.add_argument("--workers", type=int, help="parallel workers (Ray actors)")
-    o.add_argument("--sampler", choices=["tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes"])
+    from .loop.samplers import SAMPLERS
+
+    o.add_argument("--n-trials", type=_positive, help="trials in the study (resumed trials count)")
+    o.add_argument("--workers", type=_positive, help="parallel workers (Ray actors)")
+    o.add_argument("--sampler", choices=list(SAMPLERS), help="; ".join(f"{k}: {v.description}" for k, v in SAMPLERS.items()))
     o.add_argument("--seed", type=int)
     o.add_argument("--run-dir", help="run folder (default runs/<name>/)")
     o.add_argument("--address", help="Ray cluster address to join (default: start Ray locally)")
     o.add_argument("--backend", choices=["ray", "inline"], default="ray", help="inline: one worker in this process")
+    o.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard with a local Ray instance")
     o.add_argument("--dry-run", action="store_true", help="validate the space and print the plan; load nothing")
     o.add_argument("--quiet", action="store_true", help="no progress bar (CI logs)")
     o.add_argument("--no-export", action="store_true", help="do not export the Pareto-best model at the end")
     _add_load_flags(o)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mergeopt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StudyIncomplete as e:
+        if args.debug:
+            raise
+        print(f"mergeopt: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED if e.interrupted else EXIT_INCOMPLETE
+    except KeyboardInterrupt:
+        print("mergeopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def optimize_main(argv: list[str] | None = None) -> int:

@@ -9,3 +9,12 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A model folder that is missing, unsafe to load, corrupt, or does not match the base."""
+
+
+class StudyIncomplete(Exception):
+    """A study that stopped before its trials were done (no worker left, for one). The CLI prints the
+    cause and the command that resumes it, and exits with status 3: never 0 for an incomplete study."""
+
+    def __init__(self, cause: str, done: int, total: int, *, interrupted: bool = False):
+        super().__init__(cause)
+        self.cause, self.done, self.total, self.interrupted = cause, done, total, interrupted

@@ -227,12 +227,12 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
     worker = TrialWorker(space.model_dump(mode="json", by_alias=True), worker_id=-1, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code)
     result = worker.run(trial.params, seed)
-    if result.get("state") != "complete":
-        raise VerificationError(f"trial {trial.number}: re-evaluation did not complete ({result.get('reason')})")
-    diff = _metric_equal(trial.user_attrs["metrics"], result["metrics"])
+    if result.state != "complete":
+        raise VerificationError(f"trial {trial.number}: re-evaluation did not complete ({result.reason})")
+    diff = _metric_equal(trial.user_attrs["metrics"], result.metrics)
     if diff:
         k = diff[0]
-        raise VerificationError(f"trial {trial.number}: re-materialized {k} = {result['metrics'].get(k)!r}, the study "
+        raise VerificationError(f"trial {trial.number}: re-materialized {k} = {result.metrics.get(k)!r}, the study "
                                 f"recorded {trial.user_attrs['metrics'][k]!r}; the merge or the evaluation is not reproducible")
     test_assets = resolve_assets(space.evaluation, "test")
     test = Evaluator(worker.model, worker.tok, test_assets, device=worker.device).evaluate()

@@ -18,7 +18,7 @@ from .space import Space
 S = optuna.trial.TrialState
 
 
-TIMING_KEYS = ("worker", "merge_s", "eval_s", "forward_s", "overhead_s", "wall_s")
+TIMING_KEYS = ("worker", "pid", "node", "merge_s", "eval_s", "forward_s", "overhead_s", "wall_s")
 
 
 def trial_timing(t: optuna.trial.FrozenTrial) -> dict[str, Any]:

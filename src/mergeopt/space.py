@@ -15,11 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import UserError
+from .loop.samplers import SAMPLERS
 from .methods import METHODS, get_method
 from .recipe import Recipe
 from .validation import load_yaml, parse_model
 
-SAMPLERS = ("tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes")
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]  # the one sampler table drives the schema
 JUDGES = ("refusal_markers", "classifier", "llm_judge")
 METRICS = ("helpfulness", "harm", "over_refusal", "unusable")
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -114,9 +115,13 @@ class Objective(Strict):
         return v
 
 
+# How a study runs, not what it searches: changing them keeps a run folder resumable.
+OPERATIONAL = {"n_trials", "timeout", "workers", "worker_restarts", "restart_backoff"}
+
+
 class SearchConfig(Strict):
     # cmaes: the fewest trials to 95% of the reference hypervolume in bench/search_efficiency.py
-    sampler: Literal["tpe", "nsga2", "nsga3", "gp", "random", "grid", "cmaes"] = "cmaes"
+    sampler: SamplerName = "cmaes"
     n_trials: int = Field(40, ge=1)
     timeout: float | None = Field(None, gt=0)
     workers: int = Field(2, ge=1)
@@ -126,6 +131,11 @@ class SearchConfig(Strict):
     pruner: Literal["none", "median"] = "none"
     baselines: bool = True  # enqueue the uniform average and each expert alone first
     grid_points: int = Field(3, ge=2)
+    worker_restarts: int = Field(3, ge=0, description=(
+        "how many times a lost worker (killed, out of memory, its node gone) is replaced by a new one; the "
+        "n-th replacement starts after restart_backoff * 2^(n-1) seconds. With every worker lost for good, "
+        "optimize stops with exit status 3 and the command that resumes it"))
+    restart_backoff: float = Field(1.0, ge=0, description="seconds before a lost worker's first replacement starts")
 
 
 def parse_combined(expr: str) -> dict[str, float]:
@@ -153,7 +163,10 @@ class Space(Strict):
                                                                  Objective(metric="harm", direction="minimize")])
     combined: str = "helpfulness - 1.0*harm - 0.5*over_refusal"
     search: SearchConfig = Field(default_factory=SearchConfig)
-    storage: str | None = None
+    storage: str | None = Field(None, description=(
+        "where the study lives; default: SQLite in the run folder (one node). `journal` or `journal:PATH`: "
+        "Optuna's journal file (several processes, no server; a relative PATH is in the run folder). "
+        "`postgresql://user@host/db` (or another SQLAlchemy URL): several nodes"))
     output: str | None = None
     pick: str = "combined"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -203,10 +216,6 @@ class Space(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output or f"runs/{self.name}")
-
-    @property
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.run_dir / 'study.db'}"
 
     @property
     def combined_weights(self) -> dict[str, float]:
@@ -322,7 +331,7 @@ class Space(Strict):
         """What a run folder was made by: resuming with a different space is refused."""
         import hashlib
 
-        data = self.model_dump(mode="json", by_alias=True, exclude={"search": {"n_trials", "timeout", "workers"}})
+        data = self.model_dump(mode="json", by_alias=True, exclude={"search": OPERATIONAL})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import faults
 from ._env import quiet_libraries
+from .result import TrialResult
 
 
 def pack_tensors(base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -75,6 +77,7 @@ class TrialWorker:
                  device: str | None = None, worker_id: int = 0, allow_pickle: bool = False,
                  trust_remote_code: bool = False):
         quiet_libraries()
+        faults.point("startup")
         torch.set_num_threads(threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,15 +90,20 @@ class TrialWorker:
         self.worker_id = worker_id
         self.space = Space.model_validate(space_data)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.shared_bytes = {"mapped": 0, "copied": 0}  # the node's shared tensors: mapped, or copied here
         if shared is not None:
             if isinstance(shared, list):  # [ObjectRef]: nested, so Ray hands the reference over unresolved
                 import ray
 
                 shared = ray.get(shared[0])
             base_t, taus = unpack_tensors(shared)
+            arrays = [*shared["base"].values(), *(a for t in shared["taus"] for a in t.values())]
+            self.shared_bytes["mapped"] = sum(a.nbytes for a in arrays if not a.flags.writeable)
+            self.shared_bytes["copied"] = sum(a.nbytes for a in arrays if a.flags.writeable)
             recipe = self.space.recipe(self.space.baselines()[0], 0)
             base_ck, _ = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
             if self.device != "cpu":
+                self.shared_bytes = {"mapped": 0, "copied": sum(self.shared_bytes.values())}  # one device copy each
                 base_t = {k: v.to(self.device) for k, v in base_t.items()}
                 taus = [{k: v.to(self.device) for k, v in t.items()} for t in taus]
             self.merger = ResidentMerger.from_tensors(base_t, taus, base_ck.num_layers)
@@ -111,13 +119,22 @@ class TrialWorker:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device)
-        self.evaluator.prepare(self.stages())
         self.forward_s = 0.0
         time_forward(self.model, self)
+        self.node = _node_id()
         self.startup_s = time.perf_counter() - t0
 
+    def prepare(self) -> dict[str, Any]:
+        """Build what every candidate's evaluation reuses (lm-eval's requests, the encoded prompts),
+        so no trial carries one-off costs; then report as `info`."""
+        t0 = time.perf_counter()
+        self.evaluator.prepare(self.stages())
+        self.startup_s += time.perf_counter() - t0
+        return self.info()
+
     def info(self) -> dict[str, Any]:
-        return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "startup_s": self.startup_s}
+        return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "device": self.device,
+                "startup_s": self.startup_s, "shared_bytes": dict(self.shared_bytes)}
 
     def stages(self) -> list[str]:
         """The evaluation stages of a trial: the subset then the rest when a pruner may stop a candidate
@@ -126,7 +143,8 @@ class TrialWorker:
             return ["subset", "rest"]
         return ["full"]
 
-    def run(self, params: dict[str, Any], seed: int, prune_below: float | None = None) -> dict[str, Any]:
+    def run(self, params: dict[str, Any], seed: int, prune_below: float | None = None, *,
+            trial: int | None = None) -> TrialResult:
         """Merge the candidate and evaluate it. With multi-fidelity and a pruner, the subset is scored
         first and the candidate stops there when its combined score is below `prune_below`. Without a
         pruner nothing would read the subset's score, so everything is scored in one pass (the same
@@ -136,30 +154,43 @@ class TrialWorker:
 
         t0 = time.perf_counter()
         self.forward_s = 0.0
-        out: dict[str, Any] = {"worker": self.worker_id, "pid": os.getpid()}
+        faults.set_trial(trial)
+        out = TrialResult(state="fail", worker=self.worker_id, pid=os.getpid(), node=self.node)
         recipe = self.space.recipe(params, seed)
+        faults.point("merge")
         self.merger.merge_into(self.model, recipe)
         if torch.device(self.device).type == "cuda":  # the merge's kernels, not only their launch
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        out["merge_s"] = t1 - t0
+        out.merge_s = t1 - t0
         try:
             ev = self.evaluator
             if self.stages() != ["full"]:
                 first = ev.run("subset")
                 sub = ev.summarize(first)
                 sub["combined"] = combined_score(self.space, sub)
-                out["subset"] = sub
+                out.subset = sub
                 if prune_below is not None and sub["combined"] < prune_below:
-                    out.update(state="pruned", eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
+                    out.state, out.eval_s, out.forward_s = "pruned", time.perf_counter() - t1, self.forward_s
                     return out
                 part = first + ev.run("rest")
             else:
                 part = ev.run("full")
             metrics = ev.summarize(part)
         except MetricError as e:
-            out.update(state="fail", reason=str(e), eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
+            out.reason, out.eval_s, out.forward_s = str(e), time.perf_counter() - t1, self.forward_s
             return out
         metrics["combined"] = combined_score(self.space, metrics)
-        out.update(state="complete", metrics=metrics, eval_s=time.perf_counter() - t1, forward_s=self.forward_s)
+        out.state, out.metrics = "complete", metrics
+        out.eval_s, out.forward_s = time.perf_counter() - t1, self.forward_s
         return out
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on; "" outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - outside an actor there is no node to name
+        return ""

@@ -4,6 +4,7 @@ log-probability of the language's refusal is compared with that of the compliant
 
 from __future__ import annotations
 
+from .. import faults
 from .assets import EvalAssets, PromptRow
 from .generation import Batch, encode_prompts, generate_encoded
 from .judges import Label, build_judge
@@ -56,8 +57,10 @@ class SafetyScorer:
             lr = continuation_logprobs(self.model, self.tok, texts, refusal, a.config.batch_size)
             lc = continuation_logprobs(self.model, self.tok, texts, comply, a.config.batch_size)
             return [Label.REFUSED if x >= y else Label.COMPLIED for x, y in zip(lr, lc, strict=True)]
+        faults.point("generation")
         responses = generate_encoded(self.model, self.tok, self._batches(rows),
                                      max_new_tokens=a.config.max_new_tokens, decoded=self._decoded)
+        faults.point("judge")
         if hasattr(self.judge, "label_many"):
             return self.judge.label_many([r.prompt for r in rows], responses)
         # A judge is a pure function of the prompt and the response, and candidates repeat responses.

@@ -1,0 +1,141 @@
+"""One Ray actor per worker (a GPU each when the cluster has GPUs, else one CPU and one torch thread).
+The base and task vectors go into the object store once, from the driver; each node keeps one copy,
+which its actors map from shared memory. A lost actor is not restarted by Ray: the scheduler decides
+whether to replace it (`start`), and the new actor may land on any node."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from typing import Any
+
+from ..result import TrialResult
+from ..space import Space
+from .pools import PhaseCallback, Started, WorkerPool
+
+WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PASSED_ON = ("MERGEOPT_ZOO_DIR", "MERGEOPT_FAULT")  # the driver's settings its workers need too
+
+
+def init_ray(address: str | None, cpus: float, *, dashboard: bool = False) -> None:
+    """Join a cluster (`address`), or start a private local instance sized for the workers."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:  # a private local instance needs no token; a cluster keeps its own setting
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASSED_ON if os.environ.get(k)})
+    kw: dict[str, Any] = {"include_dashboard": dashboard, "logging_level": "ERROR", "log_to_driver": False,
+                          "runtime_env": {"env_vars": env}}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=max(cpus, 1), **kw)
+
+
+def _died(e: Exception) -> str:
+    """Why an actor is gone, in a few words. Ray's generic death message mentions the OOM killer as
+    one possible cause, so only the memory monitor's own wording counts as out of memory."""
+    text = str(e).lower()
+    if "running low on memory" in text or type(e).__name__ == "OutOfMemoryError":
+        cause = "out of memory"
+    elif getattr(e, "preempted", False):
+        cause = "its node was preempted"
+    elif getattr(e, "actor_init_failed", False):
+        cause = "failed while starting"
+    else:
+        cause = "killed"
+    return f"worker died ({cause}: {type(e).__name__})"
+
+
+class RayPool(WorkerPool):
+    asynchronous = True
+    replaceable = True
+
+    def __init__(self, space: Space, workers: int, address: str | None, *, dashboard: bool = False,
+                 on_phase: PhaseCallback | None = None, **load: bool):
+        import ray
+        import torch
+
+        from ..worker import TrialWorker, load_resident, pack_tensors
+
+        phase = on_phase or (lambda _: None)
+        init_ray(address, workers * space.search.cpus_per_worker, dashboard=dashboard)
+        self.ray = ray
+        gpus = space.search.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if (ray.cluster_resources().get("GPU", 0) or torch.cuda.is_available()) else 0
+        phase("loading models")
+        _, merger = load_resident(space, **load)
+        self.shared = ray.put(pack_tensors(merger.base, merger.taus))  # held for the study: replacements read it
+        del merger
+        self.actor = ray.remote(num_cpus=space.search.cpus_per_worker, num_gpus=gpus, max_restarts=0,
+                                max_task_retries=0)(TrialWorker)
+        self.data = space.model_dump(mode="json", by_alias=True)
+        self.load = load
+        self.handles: list[Any] = [self._new(i) for i in range(workers)]
+        self.calls: dict[Hashable, int] = {}  # trial call -> slot
+        self.starts: dict[Hashable, int] = {}  # start call -> slot
+        self.info: dict[int, dict[str, Any]] = {}
+        self.failed_at_start: dict[int, str] = {}  # slot -> why its first worker never came up
+        phase("starting workers")
+        self._settle({w.info.remote(): i for i, w in enumerate(self.handles)})
+        phase("preparing evaluation")
+        self._settle({w.prepare.remote(): i for i, w in enumerate(self.handles) if i not in self.failed_at_start})
+
+    def _new(self, slot: int) -> Any:
+        return self.actor.remote(self.data, [self.shared], worker_id=slot, threads=1, **self.load)
+
+    def _settle(self, calls: dict[Any, int]) -> None:
+        for ref, slot in calls.items():
+            try:
+                self.info[slot] = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:
+                self.failed_at_start[slot] = _died(e)
+                self.ray.kill(self.handles[slot], no_restart=True)
+
+    @property
+    def size(self) -> int:
+        return len(self.handles)
+
+    def submit(self, slot: int, trial: int, params: dict, seed: int, prune_below: float | None) -> Hashable:
+        key = self.handles[slot].run.remote(params, seed, prune_below, trial=trial)
+        self.calls[key] = slot
+        return key
+
+    def start(self, slot: int) -> Hashable:
+        self.ray.kill(self.handles[slot], no_restart=True)
+        self.info.pop(slot, None)
+        self.handles[slot] = self._new(slot)
+        key = self.handles[slot].prepare.remote()
+        self.starts[key] = slot
+        return key
+
+    def wait(self, keys: list[Hashable], timeout: float | None = None) -> tuple[Hashable, TrialResult | Started] | None:
+        ready, _ = self.ray.wait(keys, num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        key = ready[0]
+        if key in self.starts:
+            slot = self.starts.pop(key)
+            try:
+                self.info[slot] = self.ray.get(key)
+                return key, Started(slot, True, self.info[slot])
+            except self.ray.exceptions.RayActorError as e:
+                return key, Started(slot, False, reason=_died(e))
+        slot = self.calls.pop(key)
+        try:
+            return key, self.ray.get(key)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as e:
+            return key, TrialResult.died(slot, _died(e))
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [self.info[s] for s in sorted(self.info)]
+
+    def close(self) -> None:
+        for w in self.handles:
+            self.ray.kill(w, no_restart=True)

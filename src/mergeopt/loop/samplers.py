@@ -1,0 +1,74 @@
+"""The samplers a space file may name: one table that drives the schema, the CLI's choices and
+construction. Every argument is pinned, since Optuna's defaults change between releases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+if TYPE_CHECKING:
+    from ..space import Space
+
+
+def _startup(space: Space) -> int:
+    return min(10, max(4, space.search.n_trials // 4))
+
+
+def _population(space: Space) -> int:
+    return min(50, max(8, space.search.n_trials // 5))
+
+
+def _grid(space: Space) -> optuna.samplers.BaseSampler:
+    import numpy as np
+
+    grid: dict[str, list[Any]] = {}
+    for name, d in space.distributions().items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            grid[name] = list(d.choices)
+        else:
+            grid[name] = [float(x) for x in np.linspace(d.low, d.high, space.search.grid_points)]
+    return optuna.samplers.GridSampler(grid, seed=space.search.seed)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    build: Callable[[Space], optuna.samplers.BaseSampler]
+    single_objective: bool  # True: the study maximizes the combined score instead of the objectives
+    description: str
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "cmaes": SamplerSpec(
+        lambda s: optuna.samplers.CmaEsSampler(seed=s.search.seed, warn_independent_sampling=False), True,
+        "CMA-ES on the combined score (the mergekit-evolve way); starts at the centre of the box"),
+    "tpe": SamplerSpec(
+        lambda s: optuna.samplers.TPESampler(seed=s.search.seed, multivariate=True, constant_liar=True,
+                                             n_startup_trials=_startup(s)), False,
+        "multi-objective TPE with the constant liar for running trials"),
+    "nsga2": SamplerSpec(
+        lambda s: optuna.samplers.NSGAIISampler(seed=s.search.seed, population_size=_population(s)), False,
+        "NSGA-II, a genetic algorithm on the Pareto ranks"),
+    "nsga3": SamplerSpec(
+        lambda s: optuna.samplers.NSGAIIISampler(seed=s.search.seed, population_size=_population(s)), False,
+        "NSGA-III, NSGA-II with reference points for three or more objectives"),
+    "gp": SamplerSpec(
+        lambda s: optuna.samplers.GPSampler(seed=s.search.seed, n_startup_trials=_startup(s),
+                                            warn_independent_sampling=False), False,
+        "Gaussian-process Bayesian optimization (log expected hypervolume improvement for several objectives)"),
+    "random": SamplerSpec(lambda s: optuna.samplers.RandomSampler(seed=s.search.seed), False,
+                          "independent uniform draws: the baseline every sampler should beat"),
+    "grid": SamplerSpec(_grid, False, "every combination of search.grid_points values per parameter"),
+}
+
+
+def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
+    return SAMPLERS[space.search.sampler].build(space)
+
+
+def directions(space: Space) -> list[str]:
+    if SAMPLERS[space.search.sampler].single_objective:
+        return ["maximize"]
+    return [o.direction for o in space.objectives]

@@ -1,0 +1,135 @@
+"""The study in its storage: find, open or create it, resume it, requeue what did not finish, record
+results. Optuna's storage is the single source of truth: a re-run on the same run folder continues.
+
+One driver runs a study at a time: on resume, trials left RUNNING belong to a driver that is gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from ..errors import UserError
+from ..objectives import combined_score, objective_values
+from ..result import TrialResult
+from ..space import Space
+from .samplers import SAMPLERS, directions, make_sampler
+from .storage import open_storage, storage_spec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SEED_STRIDE = 1_000_003  # trial seed = study seed * stride + trial number: distinct, reproducible masks
+MAX_RETRIES = 2  # a trial whose worker died is retried this many times, with the same seed
+
+# The version of the merge rules: it changes when the same recipe and seed give different weights, so a
+# study recorded under other rules is not resumed or exported (its trials would not re-materialize).
+MERGE_RULES = 2
+MERGE_RULES_CHANGES = "2: DARE/DELLA masks from a counter-based hash; TIES keeps entries tied at its threshold"
+
+S = optuna.trial.TrialState
+
+
+def find_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.Study | None:
+    """The space's study when its storage holds one, checked; None otherwise. Writes nothing to a
+    storage file that does not exist yet."""
+    if not storage_spec(space.storage, run_dir).exists():
+        return None
+    storage = open_storage(space.storage, run_dir)
+    if space.name not in optuna.study.get_all_study_names(storage):
+        return None
+    study = optuna.load_study(study_name=space.name, storage=storage, sampler=make_sampler(space))
+    fp = study.user_attrs.get("fingerprint")
+    if fp != space.fingerprint():
+        raise UserError(f"{run_dir}: this run folder was made by a different search space (fingerprint {fp}, "
+                        f"this file {space.fingerprint()}); use --run-dir to start fresh elsewhere or delete the folder")
+    rules = int(study.user_attrs.get("merge_rules", 1))
+    if merging and rules != MERGE_RULES:
+        raise UserError(f"{run_dir}: this run folder was recorded with merge rules version {rules}, this mergeopt "
+                        f"merges with version {MERGE_RULES} ({MERGE_RULES_CHANGES}), so its trials cannot be "
+                        "re-merged or exported exactly; use --run-dir to start fresh elsewhere")
+    return study
+
+
+def open_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.Study:
+    """Load the study to resume it, or create it with its baselines enqueued first."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    study = find_study(space, run_dir, merging=merging)
+    if study is not None:
+        return study
+    study = optuna.create_study(study_name=space.name, storage=open_storage(space.storage, run_dir),
+                                sampler=make_sampler(space), directions=directions(space))
+    study.set_user_attr("fingerprint", space.fingerprint())
+    study.set_user_attr("merge_rules", MERGE_RULES)
+    study.set_user_attr("space", space.model_dump(mode="json", by_alias=True))
+    if space.search.baselines:
+        for i, params in enumerate(space.baselines()):
+            study.enqueue_trial(params, user_attrs={"baseline": "uniform average" if i == 0 and len(space.models) > 1
+                                                     else f"{_alone(space, params)} alone"})
+    return study
+
+
+def _alone(space: Space, params: dict) -> str:
+    for m in space.models:
+        if params.get(f"weight/{m.key}", 0) == max(params.get(f"weight/{k.key}", 0) for k in space.models):
+            return m.key
+    return "?"
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward n_trials: complete, pruned, or failed for a reason of their own."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and not t.user_attrs.get("interrupted"))]
+
+
+def ask(space: Space, study: optuna.Study) -> optuna.trial.Trial:
+    """The next candidate, with its seed: an enqueued retry keeps its own."""
+    trial = study.ask(space.distributions())
+    trial.set_user_attr("seed", int(trial.user_attrs.get("seed", space.search.seed * SEED_STRIDE + trial.number)))
+    return trial
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str) -> None:
+    """Fail a trial that did not finish, without counting it, and enqueue its parameters again."""
+    storage, tid = study._storage, trial._trial_id
+    storage.set_trial_user_attr(tid, "interrupted", True)
+    storage.set_trial_user_attr(tid, "reason", reason)
+    storage.set_trial_state_values(tid, S.FAIL)
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")})
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Trials a crash left RUNNING are failed and their parameters enqueued again."""
+    running = study.get_trials(deepcopy=False, states=(S.RUNNING,))
+    for t in running:
+        requeue(study, t, "interrupted: the driver stopped before the trial ended")
+    return len(running)
+
+
+def record(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result: TrialResult, wall_s: float) -> bool:
+    """Record a result; True when the trial counts toward n_trials (not one that runs again)."""
+    trial.set_user_attr("timing", result.timing(wall_s))  # one write: each attribute is its own transaction
+    if result.subset is not None:
+        trial.set_user_attr("subset", result.subset)
+    if result.state == "complete":
+        trial.set_user_attr("metrics", result.metrics)
+        single = SAMPLERS[space.search.sampler].single_objective
+        study.tell(trial, [combined_score(space, result.metrics)] if single else objective_values(space, result.metrics))
+        return True
+    if result.state == "pruned":
+        study.tell(trial, state=S.PRUNED)
+        return True
+    counted = True
+    reason = result.reason or "unknown failure"
+    if result.worker_died:
+        retries = int(trial.user_attrs.get("retries", 0))
+        if retries < MAX_RETRIES:  # not counted: its parameters run again, same seed, on another worker
+            trial.set_user_attr("interrupted", True)
+            keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")}
+            study.enqueue_trial(trial.params, user_attrs={**keep, "retries": retries + 1})
+            counted = False
+        else:
+            reason = f"{reason}; gave up after {MAX_RETRIES} retries"
+    trial.set_user_attr("reason", reason)
+    study.tell(trial, state=S.FAIL)
+    return counted
