@@ -117,6 +117,10 @@ CASES: list[tuple[str, Callable, str]] = [
     ("judge_missing", lambda d, z, t: (_set("evaluation.judge", {"kind": "classifier", "model": str(t / "nojudge")})(d), d)[1],
      "evaluation.judge.model"),
     ("too_many_workers", lambda d, z, t: (_set("search.workers", 500)(d), d)[1], "500 worker(s) need about"),
+    # the storage
+    ("storage_unreadable", lambda d, z, t: {**d, "storage": "postgres-on-host-a"}, "storage: cannot read 'postgres-on-host-a'"),
+    ("storage_unreachable", lambda d, z, t: {**d, "storage": "postgresql://nobody@127.0.0.1:1/nothing"},
+     "storage: cannot open postgresql://nobody@127.0.0.1:1/nothing"),
 ]
 
 
@@ -152,3 +156,19 @@ def test_pickle_and_remote_code_are_allowed_by_their_flags(test_zoo: Path, tmp_p
     r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "run"), "--backend", "inline", "--quiet",
                 "--no-export", "--allow-pickle")
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_run_folder_that_cannot_be_made_is_refused_before_anything_starts(test_zoo: Path, tmp_path: Path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(_space_data(test_zoo)))
+    (tmp_path / "afile").write_text("")
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "afile" / "run"), "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "is a file; expected a folder" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--n-trials", "--workers"])
+def test_counts_below_one_are_refused_by_the_command_line(flag: str, tmp_path: Path):
+    r = run_cli("optimize", "--space", "safety_multilingual", flag, "0", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and f"{flag}: expected 1 or more, got 0" in r.stderr
+    assert not (tmp_path / "run").exists()

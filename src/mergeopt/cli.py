@@ -179,7 +179,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise StudyIncomplete(f"{space.name}: stopped with {e.done} of {e.total} trials finished: {e.cause}; "
                                   f"resume with: {resume}", e.done, e.total) from None
         except KeyboardInterrupt:
-            raise StudyIncomplete(f"{space.name}: interrupted; finished trials are kept in {run_dir}; "
+            p = last.get("p")
+            done = f" with {p.done} of {p.total} trials finished" if p is not None else ""
+            raise StudyIncomplete(f"{space.name}: interrupted{done}; finished trials are kept in {run_dir}; "
                                   f"resume with: {resume}", 0, 0, interrupted=True) from None
     p = last.get("p")
     if p is not None and p.phase == "timed out":

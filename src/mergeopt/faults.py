@@ -6,7 +6,8 @@
 - `worker:startup`: a worker dies while it starts (every start, so no replacement can be had);
 - `driver:tell@4`: the driver dies right after it records the 4th finished trial of this run;
 - `driver:ask@4`: the driver dies right after it asks its 4th candidate of this run.
-A fault is a SIGKILL: no handler, no cleanup, no flush; what survives is what a real crash leaves."""
+A fault is a SIGKILL: no handler, no cleanup, no flush; what survives is what a real crash leaves. A
+suffix names another signal: `driver:tell@4!INT` is a Ctrl-C at that point."""
 
 from __future__ import annotations
 
@@ -22,18 +23,20 @@ def set_trial(number: int | None) -> None:
     _trial = number
 
 
-def _matches(role: str, point: str, count: int | None) -> bool:
+def _match(role: str, point: str, count: int | None) -> signal.Signals | None:
+    """The signal of the first fault that names this point, or None."""
     for spec in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
+        spec, _, sig = spec.partition("!")
         who, _, where = spec.partition(":")
         name, _, at = where.partition("@")
         if who != role or name != point:
             continue
         if not at or at == "*" or (count is not None and at.isdigit() and int(at) == count):
-            return True
-    return False
+            return signal.Signals[f"SIG{sig or 'KILL'}"]
+    return None
 
 
 def point(name: str, role: str = "worker", count: int | None = None) -> None:
-    """Die here if a fault names this point; `count` defaults to the worker's current trial."""
-    if os.environ.get(ENV) and _matches(role, name, _trial if count is None else count):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Signal this process here if a fault names this point; `count` defaults to the worker's trial."""
+    if os.environ.get(ENV) and (sig := _match(role, name, _trial if count is None else count)) is not None:
+        os.kill(os.getpid(), sig)

@@ -91,6 +91,7 @@ class TrialWorker:
         self.space = Space.model_validate(space_data)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.shared_bytes = {"mapped": 0, "copied": 0}  # the node's shared tensors: mapped, or copied here
+        self.shared_backing: str | None = None  # the shared-memory file and offset they are mapped from
         if shared is not None:
             if isinstance(shared, list):  # [ObjectRef]: nested, so Ray hands the reference over unresolved
                 import ray
@@ -100,6 +101,7 @@ class TrialWorker:
             arrays = [*shared["base"].values(), *(a for t in shared["taus"] for a in t.values())]
             self.shared_bytes["mapped"] = sum(a.nbytes for a in arrays if not a.flags.writeable)
             self.shared_bytes["copied"] = sum(a.nbytes for a in arrays if a.flags.writeable)
+            self.shared_backing = _backing(arrays[0]) if arrays else None
             recipe = self.space.recipe(self.space.baselines()[0], 0)
             base_ck, _ = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
             if self.device != "cpu":
@@ -134,7 +136,7 @@ class TrialWorker:
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "device": self.device,
-                "startup_s": self.startup_s, "shared_bytes": dict(self.shared_bytes)}
+                "startup_s": self.startup_s, "shared_bytes": dict(self.shared_bytes), "shared_backing": self.shared_backing}
 
     def stages(self) -> list[str]:
         """The evaluation stages of a trial: the subset then the rest when a pruner may stop a candidate
@@ -194,3 +196,20 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - outside an actor there is no node to name
         return ""
+
+
+def _backing(array: np.ndarray) -> str | None:
+    """Where an array's memory comes from: the mapped file (device:inode) and the offset in it, from
+    /proc/self/maps. Two processes that report the same value share one physical copy."""
+    addr = array.__array_interface__["data"][0]
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= addr < end:
+            dev, inode = fields[3], fields[4]
+            return None if inode == "0" else f"{dev}:{inode}+{int(fields[2], 16) + addr - start}"
+    return None

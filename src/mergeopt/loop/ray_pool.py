@@ -64,6 +64,7 @@ class RayPool(WorkerPool):
         from ..worker import TrialWorker, load_resident, pack_tensors
 
         phase = on_phase or (lambda _: None)
+        phase("starting Ray")
         init_ray(address, workers * space.search.cpus_per_worker, dashboard=dashboard)
         self.ray = ray
         gpus = space.search.gpus_per_worker

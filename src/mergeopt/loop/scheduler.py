@@ -83,10 +83,13 @@ class Scheduler:
             while (phase := self.step()) in (Phase.RUNNING, Phase.DRAINING):
                 pass
         finally:
-            for s in self.slots:  # asked but never started (timeout, or a worker that never came back)
-                if s.ahead is not None:
+            for s in self.slots:
+                if s.ahead is not None:  # asked but never started (timeout, a worker that never came back)
                     requeue(self.study, s.ahead, "not started: the study stopped first")
                     s.ahead = None
+                if s.trial is not None:  # only when the loop was interrupted (Ctrl-C): it runs again on resume
+                    requeue(self.study, s.trial, "interrupted: the study was stopped while it ran")
+                    s.trial = None
         self.progress.phase = phase.value
         self._show()
         return phase

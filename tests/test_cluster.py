@@ -1,0 +1,75 @@
+"""A real two-node Ray cluster on this machine: a head (`ray start --head`) and a second node
+(`ray start --address`), each with its own raylet and object store. A study joins it with --address;
+both nodes run trials, and each node holds one copy of the base and task vectors, which its actors
+map from that node's shared memory."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeopt.space import SPACES_DIR
+
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+
+
+@pytest.fixture
+def two_node_cluster():
+    if RAY is None:
+        pytest.skip("the ray command is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"]
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    try:
+        subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--include-dashboard=false", *common], check=True, capture_output=True, env=env, timeout=180)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.2", *common],
+                       check=True, capture_output=True, env=env, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_node_cluster: str, test_zoo: Path,
+                                                                         tmp_path: Path):
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data.update(name="twonode", base_model="zoo-test:base")
+    for m in data["models"]:
+        m["path"] = m["path"].replace("zoo:", "zoo-test:")
+    data["evaluation"]["zoo"] = "test"
+    data["search"].update(n_trials=8, workers=4)
+    space = tmp_path / "twonode.yaml"
+    space.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(space), "--run-dir", str(run),
+                        "--address", two_node_cluster, "--quiet", "--no-export"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workers = json.loads((run / "workers.json").read_text())
+    by_node = collections.defaultdict(list)
+    for w in workers:
+        by_node[w["node"]].append(w)
+    assert len(workers) == 4 and len(by_node) == 2 and all(len(ws) == 2 for ws in by_node.values()), workers
+    backing = {}
+    for node, ws in by_node.items():
+        assert all(w["shared_bytes"]["copied"] == 0 and w["shared_bytes"]["mapped"] > 0 for w in ws), ws
+        # both actors of a node map the same bytes of the same shared-memory file: one copy per node
+        assert ws[0]["shared_backing"] is not None and ws[0]["shared_backing"] == ws[1]["shared_backing"], ws
+        backing[node] = ws[0]["shared_backing"]
+    assert len(set(backing.values())) == 2  # each node has its own copy
+    rows = list(csv.DictReader(open(run / "trials.csv")))
+    assert sum(row["state"] == "COMPLETE" for row in rows) == 8
+    assert {row["node"] for row in rows if row["state"] == "COMPLETE"} == set(by_node)  # both nodes ran trials
