@@ -26,6 +26,26 @@ def test_zoo(zoo_root: Path) -> Path:
     return build_zoo("test", seed=0, root=zoo_root, progress=False)
 
 
+def zoo_test_space(tmp: Path, name: str, storage: str | None = None, **search) -> Path:
+    """The embedded study's space file on the test-size zoo, written to TMP/NAME.yaml, with `search`
+    settings overridden."""
+    import yaml
+
+    from mergeopt.space import SPACES_DIR
+
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data.update(name=name, base_model="zoo-test:base")
+    for m in data["models"]:
+        m["path"] = m["path"].replace("zoo:", "zoo-test:")
+    data["evaluation"]["zoo"] = "test"
+    data["search"].update(search)
+    if storage:
+        data["storage"] = storage
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 class CliResult:
     def __init__(self, returncode: int, stdout: str, stderr: str):
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr

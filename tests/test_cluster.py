@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from mergeopt.space import SPACES_DIR
+from conftest import zoo_test_space
 
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 
@@ -45,14 +43,7 @@ def two_node_cluster():
 
 def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_node_cluster: str, test_zoo: Path,
                                                                          tmp_path: Path):
-    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
-    data.update(name="twonode", base_model="zoo-test:base")
-    for m in data["models"]:
-        m["path"] = m["path"].replace("zoo:", "zoo-test:")
-    data["evaluation"]["zoo"] = "test"
-    data["search"].update(n_trials=8, workers=4)
-    space = tmp_path / "twonode.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = zoo_test_space(tmp_path, "twonode", n_trials=8, workers=4)
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(space), "--run-dir", str(run),
                         "--address", two_node_cluster, "--quiet", "--no-export"], capture_output=True, text=True,

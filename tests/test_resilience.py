@@ -15,24 +15,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
-from mergeopt.space import SPACES_DIR
+from conftest import zoo_test_space
 
 BACKENDS = ["sqlite", "journal", "postgresql"]
-
-
-def _space(tmp: Path, name: str, storage: str | None = None, **search) -> Path:
-    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
-    data.update(name=name, base_model="zoo-test:base")
-    for m in data["models"]:
-        m["path"] = m["path"].replace("zoo:", "zoo-test:")
-    data["evaluation"]["zoo"] = "test"
-    data["search"].update(search)
-    if storage:
-        data["storage"] = storage
-    p = tmp / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 def _storage(backend: str, request: pytest.FixtureRequest) -> str | None:
@@ -69,7 +54,7 @@ def test_driver_killed_at_chosen_points_resumes_with_every_finished_trial(backen
     leaves that trial RUNNING; the third run completes the study. Nothing finished is lost or
     changed, and the interrupted trial runs again with its parameters and seed."""
     name = f"driverkill_{backend}"
-    space, run = _space(tmp_path, name, _storage(backend, request), n_trials=6, workers=1), tmp_path / "run"
+    space, run = zoo_test_space(tmp_path, name, _storage(backend, request), n_trials=6, workers=1), tmp_path / "run"
     r = _optimize(space, run, "--backend", "inline", fault="driver:tell@3")
     assert r.returncode == -9, r.stderr[-2000:]
     first = _complete(_study(space, run))
@@ -96,7 +81,7 @@ def test_driver_killed_at_chosen_points_resumes_with_every_finished_trial(backen
 def test_a_worker_killed_inside_a_trial_is_replaced_and_the_trial_retried(backend: str, phase: str, request,
                                                                           test_zoo: Path, tmp_path: Path):
     name = f"workerkill_{backend}"
-    space, run = _space(tmp_path, name, _storage(backend, request), n_trials=6, workers=2), tmp_path / "run"
+    space, run = zoo_test_space(tmp_path, name, _storage(backend, request), n_trials=6, workers=2), tmp_path / "run"
     r = _optimize(space, run, fault=f"worker:{phase}@2")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(run / "trials.csv")))
@@ -116,7 +101,7 @@ def test_a_worker_killed_inside_a_trial_is_replaced_and_the_trial_retried(backen
 def test_a_study_whose_workers_are_all_lost_stops_with_status_3_and_resumes(test_zoo: Path, tmp_path: Path):
     """Every trial kills its worker; each worker is replaced once, then the study stops: one line that
     names the cause and the command to resume, exit status 3. That command then finishes the study."""
-    space = _space(tmp_path, "alllost", n_trials=4, workers=2, worker_restarts=1, restart_backoff=0.1)
+    space = zoo_test_space(tmp_path, "alllost", n_trials=4, workers=2, worker_restarts=1, restart_backoff=0.1)
     run = tmp_path / "run"
     r = _optimize(space, run, fault="worker:merge@*")
     lines = r.stderr.strip().splitlines()
@@ -130,7 +115,7 @@ def test_a_study_whose_workers_are_all_lost_stops_with_status_3_and_resumes(test
 
 
 def test_ctrl_c_says_how_to_resume_and_the_resumed_study_completes(test_zoo: Path, tmp_path: Path):
-    space, run = _space(tmp_path, "ctrlc", n_trials=5, workers=2), tmp_path / "run"
+    space, run = zoo_test_space(tmp_path, "ctrlc", n_trials=5, workers=2), tmp_path / "run"
     r = _optimize(space, run, fault="driver:tell@2!INT")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 130 and len(lines) == 1, r.stderr[-2000:]
@@ -143,14 +128,14 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_study_completes(test_zoo: Pat
 
 
 def test_no_worker_that_can_start_stops_the_study(test_zoo: Path, tmp_path: Path):
-    space = _space(tmp_path, "nostart", n_trials=2, workers=1, worker_restarts=1, restart_backoff=0.1)
+    space = zoo_test_space(tmp_path, "nostart", n_trials=2, workers=1, worker_restarts=1, restart_backoff=0.1)
     r = _optimize(space, tmp_path / "run", fault="worker:startup")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 3 and len(lines) == 1 and "every worker was lost" in lines[0], r.stderr
 
 
 def test_memory_guard_refuses_too_many_workers(test_zoo: Path, tmp_path: Path):
-    space = _space(tmp_path, "toomany", n_trials=2, workers=400)
+    space = zoo_test_space(tmp_path, "toomany", n_trials=2, workers=400)
     r = _optimize(space, tmp_path / "run")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
