@@ -6,6 +6,7 @@ map from that node's shared memory."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
 import os
@@ -30,7 +31,6 @@ def two_node_cluster():
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"]
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
     try:
         subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--include-dashboard=false", *common], check=True, capture_output=True, env=env, timeout=180)
@@ -38,7 +38,23 @@ def two_node_cluster():
                        check=True, capture_output=True, env=env, timeout=180)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        _stop_cluster(port)
+
+
+def _stop_cluster(port: int) -> None:
+    """Kill this cluster's processes only (its GCS, raylets, their workers and helpers all name the GCS
+    port on their command line); `ray stop` would stop every Ray instance on the machine."""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if f":{port}" in cmd or f"--gcs_server_port={port}" in cmd:
+            mine.append(p)
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_node_cluster: str, test_zoo: Path,
