@@ -46,15 +46,17 @@ def _stop_cluster(port: int) -> None:
     port on their command line); `ray stop` would stop every Ray instance on the machine."""
     import psutil
 
-    mine = []
+    mine: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if f":{port}" in cmd or f"--gcs_server_port={port}" in cmd:
-            mine.append(p)
-    for p in mine:
+            with contextlib.suppress(psutil.Error):  # and the agents they started, which rename themselves
+                mine.update({c.pid: c for c in [p, *p.children(recursive=True)]})
+    mine_list = list(mine.values())
+    for p in mine_list:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(mine, timeout=30)
+    psutil.wait_procs(mine_list, timeout=30)
 
 
 def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_node_cluster: str, test_zoo: Path,
