@@ -136,3 +136,41 @@ def test_pick_rules():
         pick(space, study, "best please")
     space2, study2 = _study([(0.5, 0.1, 0.4), (0.5, 0.1, 0.4)])  # exact tie: the lower trial number wins
     assert pick(space2, study2, "combined").number == 0
+
+
+def test_exported_files_are_readable_by_others_and_config_names_dtype(run: Path):
+    """safetensors writes its files as 0600; a folder to publish must be readable like a plain copy.
+    transformers 5 reads `dtype`; `torch_dtype` is deprecated."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    best = run / "best"
+    assert (best / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert best.stat().st_mode & 0o777 == 0o777 & ~mask
+    cfg = json.loads((best / "config.json").read_text())
+    assert "dtype" in cfg and "torch_dtype" not in cfg
+
+
+def test_the_card_and_the_command_say_how_the_trial_was_chosen(run: Path, tmp_path: Path):
+    r = _cli("export", str(run), "--pick", "harm <= 1.0", "--out", str(tmp_path / "picked"))
+    assert r.returncode == 0, r.stderr
+    trial = json.loads((tmp_path / "picked" / "submission.json").read_text())["trial"]
+    assert f"exported trial {trial} (by pick rule 'harm <= 1.0')" in r.stdout
+    assert "picked from the Pareto front by rule `harm <= 1.0`" in (tmp_path / "picked" / "README.md").read_text()
+    r = _cli("export", str(run), "--trial", "0", "--out", str(tmp_path / "zero"))
+    assert r.returncode == 0 and "exported trial 0 (trial 0)" in r.stdout, r.stderr
+    card = (tmp_path / "zero" / "README.md").read_text()
+    assert "chosen by its number (`--trial 0`)" in card and "picked from the Pareto front" not in card
+
+
+def test_no_claim_about_every_single_expert_until_each_has_been_scored(test_zoo: Path, tmp_path: Path):
+    """With 2 trials only the uniform average and the first expert alone have run."""
+    from conftest import zoo_test_space
+
+    space = zoo_test_space(tmp_path, "fewbaselines", n_trials=2, workers=1)
+    r = _cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "run"), "--backend", "inline", "--no-export")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["single_experts_scored"] == 1 and summary["merge_beats_every_single_expert"] is False
+    assert "every single expert" not in r.stdout and "the 1 of 4 single experts scored so far" in r.stdout

@@ -22,9 +22,20 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable(folder: Path) -> None:
+    """Modes as a plain copy would have them (0644 and 0755 under the usual umask): some writers, such as
+    safetensors, create files readable by their owner only, and a published folder must be readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)

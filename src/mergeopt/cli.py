@@ -133,6 +133,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         space = Space.model_validate(space.model_dump(mode="json", by_alias=True))
     run_dir = Path(args.run_dir) if args.run_dir else space.run_dir
     console = Console(quiet=args.quiet)
+    if args.backend == "inline" and space.search.workers > 1:
+        console.print(f"--backend inline runs one worker in this process (search.workers {space.search.workers} ignored)")
+        space = space.model_copy(update={"search": space.search.model_copy(update={"workers": 1})})
     dists = space.distributions()
     console.print(f"[bold]{space.name}[/]: {len(space.models)} models, methods {', '.join(space.methods)}, "
                   f"{len(dists)} searched parameters, sampler {space.search.sampler}, {space.search.n_trials} trials, "
@@ -235,7 +238,12 @@ def _print_front(console: Console, space, summary: dict) -> None:
     if summary.get("best"):
         b = summary["best"]
         msg = f"best combined: trial {b['trial']} at {b['metrics']['combined']:+.3f}"
-        if best_single is not None:
+        scored, total = summary.get("single_experts_scored", 0), summary.get("single_experts", 0)
+        if best_single is not None and scored < total:
+            verdict = "beats" if b["metrics"]["combined"] > best_single else "does NOT beat"
+            msg += (f"; it {verdict} the {scored} of {total} single experts scored so far "
+                    f"(best {best_single:+.3f}; the others' baselines have not run)")
+        elif best_single is not None:
             verdict = "beats" if summary["merge_beats_every_single_expert"] else "does NOT beat"
             msg += f"; it {verdict} every single expert (best single expert {best_single:+.3f})"
         if b["trial"] not in {f["trial"] for f in summary["front"]}:
@@ -297,12 +305,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         root = Path(args.out) if args.out else run_dir / "front"
         for t in sorted(front_trials(space, study), key=lambda t: t.number):
             folder = export(space, study, run_dir, trial_number=t.number, out=root / f"trial-{t.number}", force=args.force,
-                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                            how="one of the Pareto front's members, all exported (`--all-front`)")
             print(f"exported trial {t.number} to {folder}")
         return 0
     folder = export(space, study, run_dir, trial_number=args.trial, rule=args.pick, out=Path(args.out) if args.out else None,
                     force=args.force, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    print(f"exported to {folder}")
+    trial = json.loads((folder / "submission.json").read_text())["trial"]
+    how = f"trial {args.trial}" if args.trial is not None else f"by pick rule {(args.pick or space.pick).strip()!r}"
+    print(f"exported trial {trial} ({how}) to {folder}")
     return 0
 
 

@@ -150,16 +150,17 @@ def _resolved_name(ref: str) -> str:
     return ref if not ref.startswith("zoo") else f"{ref} ({resolve_model_path(ref).name})"
 
 
-def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk: dict | None, name: str) -> str:
+def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk: dict | None, name: str,
+          how: str) -> str:
     front_matter = {"base_model": [recipe.base_model] if recipe.base_model and not recipe.base_model.startswith(("/", "zoo"))
                     else [], "library_name": "transformers", "tags": ["merge", "mergeopt", recipe.merge_method]}
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=True).strip(), "---", "", f"# {name}", "",
              f"This model was merged by mergeopt with the "
              f"**{recipe.merge_method}** method ({PAPERS.get(recipe.merge_method, recipe.merge_method)})"
              + (f", using `{recipe.base_model}` as the base." if recipe.base_model else "."),
-             f"It is trial {trial.number} of the study `{space.name}`, picked by rule `{space.pick}` from the Pareto front "
-             f"({space.objectives[0].metric} {space.objectives[0].direction}, "
-             + ", ".join(f"{o.metric} {o.direction}" for o in space.objectives[1:]) + ").", "",
+             f"It is trial {trial.number} of the study `{space.name}`, {how}. The study's Pareto front is over "
+             f"{space.objectives[0].metric} ({space.objectives[0].direction}), "
+             + ", ".join(f"{o.metric} ({o.direction})" for o in space.objectives[1:]) + ".", "",
              "## Merged models", "", "| model | role | language | objective | effective weight | density |",
              "|---|---|---|---|---|---|"]
     if recipe.base_model:
@@ -199,8 +200,9 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
 
 def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: int | None = None, rule: str | None = None,
            out: Path | None = None, force: bool = False, summary: dict | None = None, allow_pickle: bool = False,
-           trust_remote_code: bool = False) -> Path:
-    """Verify and write one trial's model folder. Returns the folder."""
+           trust_remote_code: bool = False, how: str | None = None) -> Path:
+    """Verify and write one trial's model folder. Returns the folder. `how` says in the card how the
+    trial was chosen (by default: its number, or the pick rule)."""
     from .evaluation.assets import resolve_assets
     from .evaluation.evaluator import Evaluator
     from .merge import merge_to_folder
@@ -216,6 +218,9 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
             raise UserError(f"--trial {trial_number}: trial is {trial.state.name.lower()}, expected a complete trial")
     else:
         trial = pick(space, study, rule)
+    if how is None:
+        how = (f"chosen by its number (`--trial {trial_number}`)" if trial_number is not None
+               else f"picked from the Pareto front by rule `{(rule or space.pick).strip()}`")
     out = Path(out) if out else run_dir / "best"
     if out.exists() and not force:
         raise UserError(f"{out}: export folder exists; pass --force to replace it")
@@ -254,7 +259,8 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
             (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
         if (run_dir / "pareto.png").exists():
             shutil.copy2(run_dir / "pareto.png", tmp / "pareto.png")
-        (tmp / "README.md").write_text(_card(space, trial, recipe, trial.user_attrs["metrics"], test, summary, mk, name))
+        (tmp / "README.md").write_text(_card(space, trial, recipe, trial.user_attrs["metrics"], test, summary, mk, name,
+                                                 how))
         (tmp / "results.json").write_text(json.dumps(_results_json(name, space, test_assets, test), indent=2) + "\n")
         submission = {"model": name, "revision": "main", "precision": recipe.output_dtype, "weight_type": "Original",
                       "model_type": "base merges and moerges", "merged": True, "base_model": recipe.base_model,

@@ -178,8 +178,8 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, force: bool = False, max
         flush()
         _finish_shards(tmp, shards, total)
         cfg = dict(base.config)
-        cfg["torch_dtype"] = recipe.output_dtype
-        cfg.pop("dtype", None)
+        cfg["dtype"] = recipe.output_dtype  # transformers 5's name; `torch_dtype` is deprecated there
+        cfg.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for f in TOKENIZER_FILES:
             if (base.path / f).exists():

@@ -83,7 +83,8 @@ def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s
     refs = reference_models(space)
     best = max(done, key=lambda t: (t.user_attrs["metrics"]["combined"], -t.number)) if done else None
     baselines = {t.user_attrs["baseline"]: t.user_attrs["metrics"] for t in done if t.user_attrs.get("baseline")}
-    best_single = max((m["combined"] for k, m in baselines.items() if k.endswith(" alone")), default=None)
+    singles = [m["combined"] for k, m in baselines.items() if k.endswith(" alone")]
+    best_single = max(singles, default=None)
     timings = [trial_timing(t) for t in done]
     summary: dict[str, Any] = {
         "name": space.name, "sampler": space.search.sampler, "seed": space.search.seed,
@@ -96,7 +97,9 @@ def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s
         "best": None if best is None else {"trial": best.number, "params": best.params, "metrics": best.user_attrs["metrics"],
                                            "seed": best.user_attrs.get("seed")},
         "baselines": baselines, "best_single_expert_combined": best_single,
-        "merge_beats_every_single_expert": (best is not None and best_single is not None
+        "single_experts_scored": len(singles), "single_experts": len(space.models),
+        # a claim about every single expert needs every single expert scored
+        "merge_beats_every_single_expert": (best is not None and best_single is not None and len(singles) == len(space.models)
                                             and best.user_attrs["metrics"]["combined"] > best_single),
         "timing": {"elapsed_s": elapsed_s,
                    "merge_s_mean": _mean([t.get("merge_s") for t in timings]),

@@ -3,6 +3,8 @@ over-refusal scoring, and of the zoo's report card."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -19,6 +21,12 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return last.argmax(-1)
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward argument (and output field) that carries the KV cache: `cache` from transformers
+    5.24, where `past_key_values` is deprecated (gone in 5.40); `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, eos: int,
                     pad: int) -> torch.Tensor:
@@ -32,11 +40,12 @@ def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tenso
     out = torch.full((rows, max_new_tokens), pad, dtype=ids.dtype, device=ids.device)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     past = None
+    name = cache_argument(model)
     step_ids, step_pos = ids, positions[:, :width]
     for step in range(max_new_tokens):
         res = model(input_ids=step_ids, attention_mask=full_mask[:, : width + step], position_ids=step_pos,
-                    past_key_values=past, use_cache=True)
-        past = res.past_key_values
+                    use_cache=True, **{name: past})
+        past = getattr(res, name)
         nxt = greedy_tokens(res.logits).to(ids.device).masked_fill_(done, pad)
         out[:, step] = nxt
         done |= nxt == eos

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 
 def _startup(space: Space) -> int:
-    return min(10, max(4, space.search.n_trials // 4))
+    """Random trials before a model-based sampler models anything. The enqueued baselines come on top:
+    they all use the first method, so counted as start-up trials they left TPE a `method` categorical
+    that had only ever seen one value, and it never tried another."""
+    baselines = len(space.baselines()) if space.search.baselines else 0
+    return baselines + min(10, max(4, space.search.n_trials // 4))
 
 
 def _population(space: Space) -> int:
