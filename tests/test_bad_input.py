@@ -117,6 +117,17 @@ CASES: list[tuple[str, Callable, str]] = [
     ("judge_missing", lambda d, z, t: (_set("evaluation.judge", {"kind": "classifier", "model": str(t / "nojudge")})(d), d)[1],
      "evaluation.judge.model"),
     ("too_many_workers", lambda d, z, t: (_set("search.workers", 500)(d), d)[1], "500 worker(s) need about"),
+    # the prompt format and the judge
+    ("no_chat_template", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
+        **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "judge": {"refusal": {"en": ["no"]}}}})[1],
+     "evaluation.chat_template: the tokenizer of"),
+    ("judge_without_markers", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
+        **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "chat_template": "{prompt}"}})[1],
+     "evaluation.judge.refusal: no refusal markers for language 'en'"),
+    ("judge_without_compliance", lambda d, z, t: (_write(t / "b.jsonl", '{"prompt": "how to x"}\n'), {
+        **d, "evaluation": {"validation": {"harmful": {"fr": str(t / "b.jsonl")}}, "chat_template": "{prompt}",
+                            "judge": {"refusal": {"fr": ["non"]}}}})[1],
+     "evaluation.judge.compliance: no compliance markers for language 'fr'"),
     # the storage
     ("storage_unreadable", lambda d, z, t: {**d, "storage": "postgres-on-host-a"}, "storage: cannot read 'postgres-on-host-a'"),
     ("storage_unreachable", lambda d, z, t: {**d, "storage": "postgresql://nobody@127.0.0.1:1/nothing"},

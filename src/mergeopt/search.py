@@ -42,7 +42,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
 
         check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available(), **load)
     existing = find_study(space, run_dir)
-    check_assets(space)
+    check_assets(space, trust_remote_code=trust_remote_code)
     done_before = len(finished(existing)) if existing is not None else 0
     if own_pool and done_before < n_trials:
         pool = (InlinePool(space, on_phase=on_phase, **load) if backend == "inline" else

@@ -65,11 +65,13 @@ def check_memory(space: Space, workers: int, gpus: bool, **load: bool) -> None:
                             f"{free / gib:.1f} GiB is free; use dtype: bfloat16 or a GPU with more memory")
 
 
-def check_assets(space: Space) -> None:
-    """The evaluation's prompt files, judge model folder and lm-eval task names."""
+def check_assets(space: Space, *, trust_remote_code: bool = False) -> None:
+    """The evaluation's prompt files, prompt format, judge and lm-eval task names."""
     from ..evaluation.assets import resolve_assets
 
     assets = resolve_assets(space.evaluation, "validation")
+    check_prompt_format(space, assets, trust_remote_code=trust_remote_code)
+    check_judge_markers(assets)
     judge = assets.judge
     if judge.kind != "refusal_markers" and (not judge.model or not Path(judge.model).is_dir()):
         raise UserError(f"evaluation.judge.model: {judge.model} not found; expected a local model folder for {judge.kind!r}")
@@ -84,3 +86,40 @@ def check_assets(space: Space) -> None:
                 close = difflib.get_close_matches(task, sorted(known), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")
+
+
+def check_prompt_format(space: Space, assets, *, trust_remote_code: bool = False) -> None:
+    """Red-team and benign prompts go through `evaluation.chat_template`, else the tokenizer's own chat
+    template; a tokenizer without one (a base model) needs the former, or every worker would fail on
+    its first prompt."""
+    if not (assets.harmful or assets.benign) or assets.chat_template:
+        return
+    from transformers import AutoTokenizer
+
+    from ..merge import resolve_model_path
+
+    path = resolve_model_path(space.base_model)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"evaluation.chat_template: the tokenizer of {path} has no chat template to format the "
+                        "red-team and benign prompts; set evaluation.chat_template, for example '{prompt}' for a "
+                        "base model or '<|user|>\\n{prompt}\\n<|assistant|>\\n'")
+
+
+def check_judge_markers(assets) -> None:
+    """A `refusal_markers` judge needs, for every language with prompts, the phrases of a refusal, and
+    the phrases of an answer wherever a prompt has no expected answer: without them every refusal or
+    every answer would be counted unusable, silently."""
+    if assets.judge.kind != "refusal_markers" or assets.config.mode != "generate":
+        return
+    judge = assets.judge
+    for kind, per in (("harmful", assets.harmful), ("benign", assets.benign)):
+        for lang, rows in per.items():
+            if not judge.refusal.get(lang):
+                raise UserError(f"evaluation.judge.refusal: no refusal markers for language {lang!r}, which has "
+                                f"{kind} prompts; list the phrases a refusal in {lang!r} contains, or use a judge "
+                                "model (kind: classifier or llm_judge)")
+            if any(not r.answer for r in rows) and not judge.compliance.get(lang):
+                raise UserError(f"evaluation.judge.compliance: no compliance markers for language {lang!r}, whose "
+                                f"{kind} prompts have no expected `answer`; list the phrases an answer in {lang!r} "
+                                "contains, or give each prompt its answer")
