@@ -174,3 +174,14 @@ def test_no_claim_about_every_single_expert_until_each_has_been_scored(test_zoo:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["single_experts_scored"] == 1 and summary["merge_beats_every_single_expert"] is False
     assert "every single expert" not in r.stdout and "the 1 of 4 single experts scored so far" in r.stdout
+
+
+def test_an_export_that_is_mostly_unusable_is_flagged(tmp_path: Path, capsys):
+    """A pick rule on harm alone can choose a model that neither refuses nor answers (harm 0)."""
+    from mergeopt.cli import _warn_unusable
+
+    for share, warned in ((1.0, True), (0.2, False)):
+        (tmp_path / "submission.json").write_text(json.dumps({"trial": 7, "validation": {"harm": 0.0, "unusable": share}}))
+        _warn_unusable(tmp_path)
+        err = capsys.readouterr().err
+        assert ("trial 7: 100% of its responses are unusable" in err) is warned, err

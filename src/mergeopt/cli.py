@@ -202,7 +202,21 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                         trust_remote_code=args.trust_remote_code)
         picked = json.loads((folder / "submission.json").read_text())["trial"]
         console.print(f"exported trial {picked}, the Pareto-best merge by pick rule {space.pick!r}, to {folder}")
+        _warn_unusable(folder)
     return 0
+
+
+UNUSABLE_WARNING = 0.5
+
+
+def _warn_unusable(folder: Path) -> None:
+    """A model whose responses are mostly neither refusals nor answers has a low harm that means
+    little; a pick rule on harm alone can choose it, so say so."""
+    sub = json.loads((folder / "submission.json").read_text())
+    share = sub["validation"].get("unusable", 0.0)
+    if share >= UNUSABLE_WARNING:
+        print(f"mergeopt: warning: trial {sub['trial']}: {share:.0%} of its responses are unusable (neither a "
+              "refusal nor an answer), so its harm and over-refusal say little; check its outputs", file=sys.stderr)
 
 
 def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
@@ -314,6 +328,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     trial = json.loads((folder / "submission.json").read_text())["trial"]
     how = f"trial {args.trial}" if args.trial is not None else f"by pick rule {(args.pick or space.pick).strip()!r}"
     print(f"exported trial {trial} ({how}) to {folder}")
+    _warn_unusable(folder)
     return 0
 
 
