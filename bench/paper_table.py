@@ -54,8 +54,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from mergeopt.export import pick
-    from mergeopt.merge import resolve_model_path
     from mergeopt.objectives import combined_score
+    from mergeopt.refs import resolve_model_path
     from mergeopt.search import run_study
     from mergeopt.worker import TrialWorker
 

@@ -22,7 +22,7 @@ from conftest import zoo_test_space
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
     if RAY is None:
         pytest.skip("the ray command is not installed")
@@ -57,6 +57,10 @@ def _stop_cluster(port: int) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(mine_list, timeout=30)
+    # `ray start` records the cluster for later `ray.init()` calls to join; remove that record as `ray stop` does
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_node_cluster: str, test_zoo: Path,
@@ -82,3 +86,20 @@ def test_a_study_on_a_two_node_cluster_uses_both_nodes_with_one_copy_each(two_no
     rows = list(csv.DictReader(open(run / "trials.csv")))
     assert sum(row["state"] == "COMPLETE" for row in rows) == 8
     assert {row["node"] for row in rows if row["state"] == "COMPLETE"} == set(by_node)  # both nodes ran trials
+
+
+def test_a_local_study_starts_its_own_ray_while_a_cluster_runs_on_the_machine(two_node_cluster: str, test_zoo: Path,
+                                                                              tmp_path: Path):
+    """`ray.init()` joins a cluster that `ray start` left on the machine; without --address a study must
+    start its own private instance instead (and not fail on num_cpus)."""
+    space = zoo_test_space(tmp_path, "besidecluster", n_trials=2, workers=1)
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(space), "--run-dir",
+                        str(tmp_path / "run"), "--quiet", "--no-export"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workers = json.loads((tmp_path / "run" / "workers.json").read_text())
+
+    query = (f"import ray, json; ray.init(address={two_node_cluster!r}, logging_level='ERROR'); "
+             "print(json.dumps([n['NodeID'] for n in ray.nodes()]))")
+    info = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, timeout=300)
+    cluster_nodes = set(json.loads(info.stdout.strip().splitlines()[-1]))
+    assert len(cluster_nodes) == 2 and workers[0]["node"] not in cluster_nodes

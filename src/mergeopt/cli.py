@@ -73,7 +73,9 @@ def _load_model(path: str, allow_pickle: bool, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoints import Checkpoint
+    from .refs import resolve_model_path
 
+    path = str(resolve_model_path(path))
     Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                                  use_safetensors=not allow_pickle or None).eval()
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("eval", help="score a saved model with a space file's evaluation")
-    e.add_argument("model", help="model folder (safetensors, config, tokenizer)")
+    e.add_argument("model", help="model folder (safetensors, config, tokenizer), or zoo:NAME")
     e.add_argument("--space", required=True, help="search-space file (or a name in search_spaces/)")
     e.add_argument("--split", choices=["validation", "test"], default="validation")
     e.add_argument("--json", action="store_true")

@@ -25,17 +25,11 @@ from safetensors import safe_open
 from . import __version__
 from .atomic import atomic_folder
 from .errors import UserError
+from .methods import get_method
 from .objectives import objective_values, pareto_mask
 from .space import Space
 
 S = optuna.trial.TrialState
-MERGEKIT_DETERMINISTIC = {"linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp"}
-PAPERS = {"linear": "Model soups (arXiv 2203.05482)", "task_arithmetic": "Task arithmetic (arXiv 2212.04089)",
-          "ties": "TIES-Merging (arXiv 2306.01708)", "dare_linear": "DARE (arXiv 2311.03099)",
-          "dare_ties": "DARE with TIES (arXiv 2311.03099)", "slerp": "SLERP", "breadcrumbs": "Model Breadcrumbs (arXiv 2312.06795)",
-          "breadcrumbs_ties": "Model Breadcrumbs with TIES (arXiv 2312.06795)", "della": "DELLA (arXiv 2406.11617)",
-          "della_linear": "DELLA, linear (arXiv 2406.11617)"}
-
 
 class VerificationError(UserError):
     """The re-materialized winner does not reproduce what the study recorded."""
@@ -114,7 +108,7 @@ def _metric_equal(a: dict[str, float], b: dict[str, float]) -> list[str]:
 def mergekit_config(recipe) -> dict[str, Any] | None:
     """mergekit's YAML for the same weights: tag coefficients folded into the weights, mergeopt's own
     keys dropped. Only for methods whose result does not depend on random masks."""
-    if recipe.merge_method not in MERGEKIT_DETERMINISTIC:
+    if not get_method(recipe.merge_method).mergekit_reproduces:
         return None
     models = []
     for m, p in zip(recipe.experts(), recipe.resolved_models(), strict=True):
@@ -144,19 +138,40 @@ def _results_json(name: str, space: Space, assets, metrics: dict[str, float]) ->
             "versions": dict.fromkeys(results, 1.0), "n-shot": dict.fromkeys(results, 0)}
 
 
-def _resolved_name(ref: str) -> str:
-    from .merge import resolve_model_path
+def written_recipe(space: Space, recipe, *, hub: bool):
+    """The recipe as it is written for others to run: every model an absolute folder (a zoo model's own
+    folder, never `zoo:`), or its Hub id when `hub` and the space names one."""
+    from .recipe import Recipe
+    from .refs import portable
 
-    return ref if not ref.startswith("zoo") else f"{ref} ({resolve_model_path(ref).name})"
+    ids = {m.path: m.hub_id for m in space.models if m.hub_id}
+    if space.base_hub_id:
+        ids[space.base_model] = space.base_hub_id
+
+    def name(ref: str) -> str:
+        return (ids.get(ref) if hub else None) or portable(ref)
+
+    data = recipe.model_dump()
+    if data.get("base_model"):
+        data["base_model"] = name(data["base_model"])
+    for m in data["models"]:
+        m["model"] = name(m["model"])
+    return Recipe.model_validate(data)
+
+
+def hub_ids(space: Space) -> list[str]:
+    """The merged models' Hub ids that the space names: the card's `base_model`, from which the Hub
+    derives the model's relations."""
+    return [x for x in [space.base_hub_id, *(m.hub_id for m in space.models)] if x]
 
 
 def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk: dict | None, name: str,
           how: str) -> str:
-    front_matter = {"base_model": [recipe.base_model] if recipe.base_model and not recipe.base_model.startswith(("/", "zoo"))
-                    else [], "library_name": "transformers", "tags": ["merge", "mergeopt", recipe.merge_method]}
+    front_matter = {"base_model": hub_ids(space), "library_name": "transformers",
+                    "tags": ["merge", "mergeopt", recipe.merge_method]}
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=True).strip(), "---", "", f"# {name}", "",
              f"This model was merged by mergeopt with the "
-             f"**{recipe.merge_method}** method ({PAPERS.get(recipe.merge_method, recipe.merge_method)})"
+             f"**{recipe.merge_method}** method ({get_method(recipe.merge_method).paper or recipe.merge_method})"
              + (f", using `{recipe.base_model}` as the base." if recipe.base_model else "."),
              f"It is trial {trial.number} of the study `{space.name}`, {how}. The study's Pareto front is over "
              f"{space.objectives[0].metric} ({space.objectives[0].direction}), "
@@ -244,7 +259,8 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
     test["combined"] = sum(c * test.get(k, 0.0) for k, c in space.combined_weights.items())
 
     with atomic_folder(out) as tmp:
-        merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=recipe.to_yaml(),
+        shown = written_recipe(space, recipe, hub=False)
+        merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=shown.to_yaml(),
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         # The written weights must be the evaluated ones, bit for bit.
         state = {k: v.detach().cpu() for k, v in worker.model.state_dict().items()}
@@ -254,16 +270,16 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
                     if k in state and not torch.equal(fh.get_tensor(k), state[k].to(fh.get_tensor(k).dtype)):
                         raise VerificationError(f"{k}: exported weights differ from the evaluated model's")
         name = f"{space.name}-trial{trial.number}"
-        mk = mergekit_config(recipe)
+        mk = mergekit_config(written_recipe(space, recipe, hub=True))
         if mk is not None:
             (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
         if (run_dir / "pareto.png").exists():
             shutil.copy2(run_dir / "pareto.png", tmp / "pareto.png")
-        (tmp / "README.md").write_text(_card(space, trial, recipe, trial.user_attrs["metrics"], test, summary, mk, name,
+        (tmp / "README.md").write_text(_card(space, trial, shown, trial.user_attrs["metrics"], test, summary, mk, name,
                                                  how))
         (tmp / "results.json").write_text(json.dumps(_results_json(name, space, test_assets, test), indent=2) + "\n")
         submission = {"model": name, "revision": "main", "precision": recipe.output_dtype, "weight_type": "Original",
-                      "model_type": "base merges and moerges", "merged": True, "base_model": recipe.base_model,
+                      "model_type": "base merges and moerges", "merged": True, "base_model": space.base_hub_id,
                       "use_chat_template": space.evaluation.chat_template is None,
                       "results": {k: v for k, v in test.items() if not k.startswith("time/")},
                       "validation": {k: v for k, v in trial.user_attrs["metrics"].items() if not k.startswith("time/")},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,27 +17,12 @@ from .checkpoints import Checkpoint, check_compatible
 from .errors import CheckpointError, UserError
 from .methods import TensorContext, get_method, resolve_value
 from .recipe import Recipe
+from .refs import resolve_model_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-
-
-def resolve_model_path(ref: str) -> Path:
-    """`zoo:NAME` names a model of the embedded zoo (`zoo-test:NAME` of the test-size zoo), built when
-    missing; anything else is a local path."""
-    m = re.fullmatch(r"zoo(?:-(test|default))?:(\w+)", ref)
-    if m:
-        from .zoo import build_zoo, load_zoo
-
-        root = build_zoo(m.group(1) or "default", seed=0)
-        name = m.group(2)
-        models = load_zoo(root)["models"]
-        if name not in models:
-            raise UserError(f"{ref}: no such zoo model; expected one of {sorted(models)}")
-        return root / models[name]["path"]
-    return Path(ref).expanduser()
 
 
 def open_models(recipe: Recipe, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:

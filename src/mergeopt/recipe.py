@@ -118,4 +118,13 @@ class Recipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    return parse_model(Recipe, load_yaml(path), str(path))
+    """A recipe file, its relative model paths resolved against the file's folder."""
+    from .refs import anchor
+
+    recipe = parse_model(Recipe, load_yaml(path), str(path))
+    folder = Path(path).resolve().parent
+    data = recipe.model_dump()
+    data["base_model"] = anchor(data.get("base_model"), folder)
+    for m in data["models"]:
+        m["model"] = anchor(m["model"], folder)
+    return Recipe.model_validate(data)

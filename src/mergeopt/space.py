@@ -49,10 +49,13 @@ Searchable = float | Range  # a number is fixed, a range is searched
 
 
 class ModelEntry(Strict):
-    path: str
-    name: str | None = None
-    language: str | None = None
-    objective: str | None = None
+    path: str = Field(description="a local model folder (relative to the space file), or zoo:NAME")
+    name: str | None = Field(None, description="short name in parameters and reports; default: the folder's name")
+    language: str | None = Field(None, description="the language this expert was trained for (per-language coefficients)")
+    objective: str | None = Field(None, description="the skill this expert adds, such as safety (per-objective coefficients)")
+    hub_id: str | None = Field(None, description=(
+        "the model's Hugging Face Hub id, if it is published: the exported mergekit config and the card's "
+        "base_model name it instead of the local folder"))
 
     @property
     def key(self) -> str:
@@ -117,6 +120,7 @@ class Objective(Strict):
 
 # How a study runs, not what it searches: changing them keeps a run folder resumable.
 OPERATIONAL = {"n_trials", "timeout", "workers", "worker_restarts", "restart_backoff"}
+PUBLISHING: dict = {"base_hub_id": True, "models": {"__all__": {"hub_id"}}}  # names for the export only
 
 
 class SearchConfig(Strict):
@@ -155,6 +159,7 @@ def parse_combined(expr: str) -> dict[str, float]:
 class Space(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base_model: str
+    base_hub_id: str | None = Field(None, description="the base model's Hugging Face Hub id, if it is published")
     models: list[ModelEntry] = Field(min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
     ranges: Ranges = Field(default_factory=Ranges)
@@ -327,11 +332,29 @@ class Space(Strict):
         rows += [params({k: float(k == key) for k in keys}) for key in keys]
         return rows
 
+    def anchored(self, folder: Path) -> Space:
+        """This space with every relative local path made absolute against `folder`."""
+        from .refs import anchor
+
+        data = self.model_dump(mode="json", by_alias=True)
+        data["base_model"] = anchor(data["base_model"], folder)
+        for m in data["models"]:
+            m["path"] = anchor(m["path"], folder)
+        ev = data["evaluation"]
+        ev["include_path"] = anchor(ev["include_path"], folder)
+        ev["judge"]["model"] = anchor(ev["judge"]["model"], folder)
+        for split in ("validation", "test"):
+            for kind in ("harmful", "benign"):
+                ev[split][kind] = {lg: anchor(p, folder) for lg, p in ev[split][kind].items()}
+        if data.get("output"):
+            data["output"] = anchor(data["output"], folder)
+        return Space.model_validate(data)
+
     def fingerprint(self) -> str:
         """What a run folder was made by: resuming with a different space is refused."""
         import hashlib
 
-        data = self.model_dump(mode="json", by_alias=True, exclude={"search": OPERATIONAL})
+        data = self.model_dump(mode="json", by_alias=True, exclude={"search": OPERATIONAL, **PUBLISHING})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -347,5 +370,6 @@ def resolve_space_path(ref: str) -> Path:
 
 
 def load_space(ref: str) -> Space:
+    """A space file, its relative paths resolved against the file's folder (not the current one)."""
     path = resolve_space_path(ref)
-    return parse_model(Space, load_yaml(path), str(path))
+    return parse_model(Space, load_yaml(path), str(path)).anchored(path.resolve().parent)

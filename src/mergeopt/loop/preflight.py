@@ -27,8 +27,8 @@ def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
     store, plus the driver's copy while it puts them there), and per worker a model, its activations,
     the libraries' own footprint and, when TIES is searched, the sorted magnitudes of every task vector."""
     from ..checkpoints import Checkpoint
-    from ..merge import resolve_model_path
     from ..methods.task_arithmetic import RANKED_METHODS
+    from ..refs import resolve_model_path
 
     ck = Checkpoint(resolve_model_path(space.base_model), **load)
     elem = 2 if space.dtype == "bfloat16" else 4
@@ -96,7 +96,7 @@ def check_prompt_format(space: Space, assets, *, trust_remote_code: bool = False
         return
     from transformers import AutoTokenizer
 
-    from ..merge import resolve_model_path
+    from ..refs import resolve_model_path
 
     path = resolve_model_path(space.base_model)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

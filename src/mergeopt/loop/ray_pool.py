@@ -33,8 +33,8 @@ def init_ray(address: str | None, cpus: float, *, dashboard: bool = False) -> No
                           "runtime_env": {"env_vars": env}}
     if address:
         ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=max(cpus, 1), **kw)
+    else:  # "local": a new instance even when `ray start` left a cluster running on this machine
+        ray.init(address="local", num_cpus=max(cpus, 1), **kw)
 
 
 def _died(e: Exception) -> str:

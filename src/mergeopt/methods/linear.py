@@ -27,4 +27,5 @@ def linear(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], par
 
 
 register(MethodSpec("linear", linear, model_params={"weight": REQUIRED}, global_params={"normalize": True},
-                    doc="weighted average of full weights", mergekit_name="linear"))
+                    doc="weighted average of full weights", mergekit_name="linear",
+                    paper="Model soups (arXiv 2203.05482)"))

@@ -58,7 +58,14 @@ class MethodSpec:
     random: bool = False  # draws masks: the recipe seed matters
     exact_models: int | None = None  # slerp: exactly one expert besides the base
     doc: str = ""
-    mergekit_name: str | None = field(default=None)
+    mergekit_name: str | None = field(default=None)  # the same method's name in mergekit, if it has one
+    paper: str = ""  # where the method comes from, as the model card cites it
+
+    @property
+    def mergekit_reproduces(self) -> bool:
+        """Whether `mergekit-yaml` gives these weights from the exported config: mergekit has the method
+        and it draws no random masks (mergekit seeds its masks differently)."""
+        return self.mergekit_name is not None and not self.random
 
     def resolve_globals(self, given: Mapping[str, Any]) -> dict[str, Any]:
         return self._resolve(given, self.global_params, "parameter")

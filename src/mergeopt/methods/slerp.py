@@ -28,4 +28,5 @@ def slerp(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], para
 
 
 register(MethodSpec("slerp", slerp, model_params={}, global_params={"t": REQUIRED}, exact_models=1,
-                    doc="spherical interpolation between the base (t=0) and one expert (t=1)", mergekit_name="slerp"))
+                    doc="spherical interpolation between the base (t=0) and one expert (t=1)", mergekit_name="slerp",
+                    paper="SLERP (Shoemake, 1985), as used for model merging by mergekit"))

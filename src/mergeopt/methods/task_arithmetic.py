@@ -93,8 +93,8 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
 RANKED_METHODS: set[str] = set()  # methods that keep each task vector's sorted magnitudes (memory planning)
 
 
-def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, extra: dict | None = None,
-             rescale: str = "none") -> None:
+def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, paper: str,
+             extra: dict | None = None, rescale: str = "none") -> None:
     # density only where a sparsifier reads it: task arithmetic would silently ignore it
     model_params = {"weight": REQUIRED, **({"density": 1.0} if sparsifier != "none" else {}), **(extra or {})}
     if sparsifier == "magnitude":
@@ -102,18 +102,22 @@ def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: 
     global_params = {"lambda": 1.0, "normalize": normalize, "rescale": rescale}
     register(MethodSpec(name, partial(generalized_task_arithmetic, sparsifier=sparsifier, consensus=consensus),
                         model_params=model_params, global_params=global_params,
-                        random=sparsifier in ("bernoulli", "della"), doc=doc, mergekit_name=name))
+                        random=sparsifier in ("bernoulli", "della"), doc=doc, mergekit_name=name, paper=paper))
 
 
-_declare("task_arithmetic", "none", False, False, "base + lambda * sum_i w_i tau_i")
-_declare("ties", "magnitude", True, True, "trim to top-density magnitudes, elect signs, average agreeing values")
+_declare("task_arithmetic", "none", False, False, "base + lambda * sum_i w_i tau_i",
+         "Task arithmetic (arXiv 2212.04089)")
+_declare("ties", "magnitude", True, True, "trim to top-density magnitudes, elect signs, average agreeing values",
+         "TIES-Merging (arXiv 2306.01708)")
 _declare("dare_linear", "bernoulli", False, False, "drop with p = 1 - density, rescale, task arithmetic",
-         rescale="inverse")
+         "DARE (arXiv 2311.03099)", rescale="inverse")
 _declare("dare_ties", "bernoulli", True, False, "drop with p = 1 - density, rescale, TIES sign election",
-         rescale="inverse")
-_declare("breadcrumbs", "outliers", False, False, "drop largest (gamma) and smallest magnitudes", {"gamma": 0.01})
-_declare("breadcrumbs_ties", "outliers", True, False, "breadcrumbs with TIES sign election", {"gamma": 0.01})
+         "DARE with TIES (arXiv 2311.03099)", rescale="inverse")
+_declare("breadcrumbs", "outliers", False, False, "drop largest (gamma) and smallest magnitudes",
+         "Model Breadcrumbs (arXiv 2312.06795)", {"gamma": 0.01})
+_declare("breadcrumbs_ties", "outliers", True, False, "breadcrumbs with TIES sign election",
+         "Model Breadcrumbs with TIES (arXiv 2312.06795)", {"gamma": 0.01})
 _declare("della", "della", True, True, "magnitude-ranked drop probabilities, rescaled, TIES sign election",
-         {"epsilon": 0.15}, rescale="inverse")
+         "DELLA-Merging (arXiv 2406.11617)", {"epsilon": 0.15}, rescale="inverse")
 _declare("della_linear", "della", False, False, "magnitude-ranked drop probabilities, rescaled",
-         {"epsilon": 0.15}, rescale="inverse")
+         "DELLA-Merging, linear (arXiv 2406.11617)", {"epsilon": 0.15}, rescale="inverse")

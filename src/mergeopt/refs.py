@@ -1,0 +1,48 @@
+"""Model references: the one place that knows what `zoo:NAME` means.
+
+A space file, a recipe or the command line names a model by a local folder (absolute, or relative to
+the file that names it) or by `zoo:NAME` / `zoo-test:NAME`, a model of the embedded zoo (a plug-in of
+the tests and the demo: it is built when missing). What is written for others to run (an exported
+recipe, a mergekit config) holds absolute folders or Hub ids, never a `zoo:` reference."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+_ZOO = re.compile(r"zoo(?:-(test|default))?:(\w+)")
+
+
+def is_zoo_ref(ref: str) -> bool:
+    return _ZOO.fullmatch(ref) is not None
+
+
+def resolve_model_path(ref: str) -> Path:
+    """The folder a reference names; a zoo reference builds its zoo when missing."""
+    m = _ZOO.fullmatch(ref)
+    if m:
+        from .zoo import build_zoo, load_zoo
+
+        root = build_zoo(m.group(1) or "default", seed=0)
+        name = m.group(2)
+        models = load_zoo(root)["models"]
+        if name not in models:
+            raise UserError(f"{ref}: no such zoo model; expected one of {sorted(models)}")
+        return root / models[name]["path"]
+    return Path(ref).expanduser()
+
+
+def anchor(ref: str | None, folder: Path) -> str | None:
+    """A relative local path as an absolute one, relative to `folder` (the file that names it);
+    zoo references and absolute paths unchanged."""
+    if not ref or is_zoo_ref(ref):
+        return ref
+    p = Path(ref).expanduser()
+    return str(p if p.is_absolute() else (folder / p).resolve())
+
+
+def portable(ref: str) -> str:
+    """The reference as it is written for others: an absolute folder (a zoo model's own folder)."""
+    return str(resolve_model_path(ref).resolve())
