@@ -185,3 +185,44 @@ def test_an_export_that_is_mostly_unusable_is_flagged(tmp_path: Path, capsys):
         _warn_unusable(tmp_path)
         err = capsys.readouterr().err
         assert ("trial 7: 100% of its responses are unusable" in err) is warned, err
+
+
+def test_exported_recipes_name_absolute_folders_never_zoo_references(run: Path):
+    """They must run from anywhere: from the export folder itself, on another machine with the same
+    folders, or through mergekit-yaml."""
+    for name in ("mergeopt_recipe.yaml", "mergekit_config.yml"):
+        path = run / "best" / name
+        if not path.exists():
+            continue
+        data = yaml.safe_load(path.read_text())
+        refs = [data.get("base_model"), *(m["model"] for m in data["models"])]
+        for ref in filter(None, refs):
+            assert not ref.startswith("zoo") and Path(ref).is_absolute() and Path(ref).is_dir(), (name, ref)
+
+
+def test_a_recipe_runs_from_another_folder_with_relative_paths(test_zoo: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    from mergeopt.recipe import load_recipe
+
+    (tmp_path / "recipes" / "models").mkdir(parents=True)
+    for name in ("base", "help_en"):
+        shutil.copytree(test_zoo / "models" / name, tmp_path / "recipes" / "models" / name)
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "models/base",
+                                      "models": [{"model": "models/help_en", "parameters": {"weight": 0.5}}]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_recipe(recipe)
+    assert loaded.base_model == str(tmp_path / "recipes" / "models" / "base")
+    r = _cli("merge", str(recipe), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_eval_takes_a_zoo_reference(test_zoo: Path, tmp_path: Path):
+    from conftest import zoo_test_space
+
+    r = _cli("eval", "zoo-test:safety", "--space", str(zoo_test_space(tmp_path, "evalzoo")), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["harm"] <= 0.1

@@ -273,3 +273,15 @@ print(hashlib.sha256(out.numpy().tobytes()).hexdigest(), bool(fused._broken), di
     os.environ.pop("MERGEOPT_COMPILE", None)
     want = spec.fn(base, taus, models, spec.resolve_globals({}), TensorContext("w", 4))
     assert digest == hashlib.sha256(want.numpy().tobytes()).hexdigest()
+
+
+def test_each_method_declares_its_facts_once():
+    """The card cites the paper, and the export writes a mergekit config only where mergekit gives the
+    same weights: the registry entry says both."""
+    from mergeopt.methods import METHODS
+
+    for name, spec in METHODS.items():
+        assert spec.paper, name
+        assert spec.mergekit_reproduces == (spec.mergekit_name is not None and not spec.random), name
+    assert {n for n, s in METHODS.items() if s.mergekit_reproduces} == {
+        "linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"}

@@ -228,3 +228,26 @@ def test_enqueued_baselines_do_not_starve_the_method_categorical(sampler: str):
             methods.append(trial.params["method"])
             study.tell(trial, [rng.random(), rng.random()])
         assert len(set(methods[len(space.baselines()):])) >= 2, (seed, methods)
+
+
+def test_paths_in_a_space_file_resolve_against_its_folder(test_zoo: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    from mergeopt.space import load_space
+
+    folder = tmp_path / "project"
+    (folder / "prompts").mkdir(parents=True)
+    shutil.copy(test_zoo / "eval" / "data" / "harmful_en_validation.jsonl", folder / "prompts" / "harmful.jsonl")
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data.update(base_model="models/base", output="runs/here")
+    data["models"] = [{"path": "models/help_en"}, {"path": "zoo-test:safety"}]
+    data["evaluation"] = {"validation": {"harmful": {"en": "prompts/harmful.jsonl"}}, "chat_template": "{prompt}"}
+    data["ranges"].pop("per_model", None)
+    space_file = folder / "space.yaml"
+    space_file.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    space = load_space(str(space_file))
+    assert space.base_model == str(folder / "models" / "base")
+    assert [m.path for m in space.models] == [str(folder / "models" / "help_en"), "zoo-test:safety"]
+    assert space.evaluation.validation.harmful["en"] == str(folder / "prompts" / "harmful.jsonl")
+    assert space.run_dir == folder / "runs" / "here"
