@@ -188,3 +188,44 @@ def test_pickle_allowed_with_flag(test_zoo: Path, tmp_path: Path):
     path = _write(tmp_path, r)
     res = run_cli("merge", str(path), "--out", str(tmp_path / "o"), "--allow-pickle")
     assert res.returncode == 0, res.stderr
+
+
+def test_mergekit_slices_form_gives_the_same_bytes_as_the_models_form(test_zoo: Path, tmp_path: Path):
+    """mergekit-evolve and many published configs write one slice spanning every layer, list the base
+    among the sources, and set int8_mask and tokenizer_source: base; that is the same merge."""
+    models = test_zoo / "models"
+    layers = json.loads((models / "base" / "config.json").read_text())["num_hidden_layers"]
+    plain = {"merge_method": "ties", "base_model": str(models / "base"), "dtype": "float32",
+             "models": [{"model": str(models / "help_en"), "parameters": {"weight": 0.7, "density": 0.5}},
+                        {"model": str(models / "safety"), "parameters": {"weight": 0.4, "density": 0.5}}]}
+    sliced = {"merge_method": "ties", "base_model": str(models / "base"), "dtype": "float32",
+              "tokenizer_source": "base", "parameters": {"int8_mask": True},
+              "slices": [{"sources": [{"model": str(models / "base"), "layer_range": [0, layers]},
+                                      *[{**m, "layer_range": [0, layers]} for m in plain["models"]]]}]}
+    out = {}
+    for name, data in (("plain", plain), ("sliced", sliced)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        r = run_cli("merge", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        out[name] = (tmp_path / name / "model.safetensors").read_bytes()
+    assert out["plain"] == out["sliced"]
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda d, n: d["slices"][0]["sources"][0].update(layer_range=[0, n - 1]), "covers part of"),
+    (lambda d, n: d["slices"].append(d["slices"][0]), "slices: mergeopt merges whole models"),
+    (lambda d, n: d.update(tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
+    (lambda d, n: d.update(merge_methd=d.pop("merge_method")), "merge_methd: unknown key; did you mean 'merge_method'?"),
+])
+def test_mergekit_forms_that_change_the_weights_are_refused_in_one_line(edit, fragment, test_zoo: Path, tmp_path: Path):
+    models = test_zoo / "models"
+    layers = json.loads((models / "base" / "config.json").read_text())["num_hidden_layers"]
+    data = {"merge_method": "task_arithmetic", "base_model": str(models / "base"),
+            "slices": [{"sources": [{"model": str(models / "help_en"), "layer_range": [0, layers],
+                                     "parameters": {"weight": 1.0}}]}]}
+    edit(data, layers)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    r = run_cli("merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()

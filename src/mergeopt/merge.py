@@ -31,6 +31,9 @@ def open_models(recipe: Recipe, *, allow_pickle: bool = False, trust_remote_code
     experts_refs = [m.model for m in recipe.experts()]
     base_ref = recipe.base_model or experts_refs[0]
     base = Checkpoint(resolve_model_path(base_ref), **kw)
+    if recipe.layer_range is not None and list(recipe.layer_range) != [0, base.num_layers]:
+        raise UserError(f"slices: layer_range {list(recipe.layer_range)} covers part of {base_ref} "
+                        f"({base.num_layers} layers); mergeopt merges whole models: use [0, {base.num_layers}]")
     experts = []
     for ref in experts_refs:
         ck = base if ref == base_ref else Checkpoint(resolve_model_path(ref), **kw)

@@ -37,6 +37,43 @@ class Recipe(BaseModel):
     seed: int = 0
     language_coefficients: dict[str, float] = Field(default_factory=dict)
     objective_coefficients: dict[str, float] = Field(default_factory=dict)
+    layer_range: list[int] | None = None  # from mergekit's `slices:` form; must span every layer
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_forms(cls, data: Any) -> Any:
+        """mergekit's other spellings of the same whole-model merge: one slice whose sources all span the
+        same layers (mergekit-evolve writes these), `tokenizer_source: base`, and `int8_mask`, which only
+        changes how mergekit stores its masks. What would change the weights otherwise is refused."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("parameters"), dict):
+            data["parameters"] = {k: v for k, v in data["parameters"].items() if k != "int8_mask"}
+        source = data.pop("tokenizer_source", None)
+        if source not in (None, "base"):
+            raise ValueError(f"tokenizer_source: {source!r} is not supported; mergeopt copies the base model's "
+                             "tokenizer (tokenizer_source: base)")
+        if "slices" not in data:
+            return data
+        if "models" in data:
+            raise ValueError("slices: give models or slices, not both")
+        slices = data.pop("slices")
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+            raise ValueError("slices: mergeopt merges whole models; give one slice whose sources span every layer "
+                             "(several slices, as in passthrough merges, are not supported)")
+        sources = slices[0].get("sources")
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) and "model" in s for s in sources):
+            raise ValueError("slices[0].sources: expected a list of {model, layer_range, parameters}")
+        ranges = {tuple(s.get("layer_range") or ()) for s in sources}
+        if len(ranges) != 1:
+            raise ValueError(f"slices[0].sources: the sources span different layers {sorted(ranges)}; "
+                             "mergeopt merges whole models")
+        data["models"] = [{k: v for k, v in s.items() if k != "layer_range"} for s in sources]
+        span = ranges.pop()
+        if span:
+            data["layer_range"] = list(span)
+        return data
 
     @field_validator("merge_method")
     @classmethod

@@ -57,7 +57,10 @@ def _pick_error(errors: list[dict]) -> dict:
 
 
 def format_validation_error(source: str, model: type[BaseModel], err: ValidationError) -> str:
-    e = _pick_error(err.errors())
+    errors = err.errors()
+    # a misspelled key is both unknown and, under its right name, missing: the unknown one says which
+    extra = [x for x in errors if x["type"] == "extra_forbidden"]
+    e = extra[0] if extra else _pick_error(errors)
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     where = key_path(loc)
     if e["type"] == "extra_forbidden":
