@@ -103,6 +103,7 @@ def test_a_timeout_leaves_no_trial_running_and_the_next_run_reuses_what_was_aske
     run = tmp_path / "run"
     r = _optimize("--space", str(space), "--run-dir", str(run), "--no-export")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "stopped at search.timeout (4 s)" in r.stderr and "resume with: optimize --space" in r.stderr  # even --quiet
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'study.db'}")
     S = optuna.trial.TrialState
     states = [t.state for t in study.trials]
@@ -240,7 +241,9 @@ def test_paths_in_a_space_file_resolve_against_its_folder(test_zoo: Path, tmp_pa
     shutil.copy(test_zoo / "eval" / "data" / "harmful_en_validation.jsonl", folder / "prompts" / "harmful.jsonl")
     data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
     data.update(base_model="models/base", output="runs/here")
-    data["models"] = [{"path": "models/help_en"}, {"path": "zoo-test:safety"}]
+    data["models"] = [{"path": "models/en"}, {"path": "zoo-test:safety"}]
+    (folder / "models").mkdir()
+    (folder / "models" / "en").symlink_to(test_zoo / "models" / "help_en")  # its name stays en
     data["evaluation"] = {"validation": {"harmful": {"en": "prompts/harmful.jsonl"}}, "chat_template": "{prompt}"}
     data["ranges"].pop("per_model", None)
     space_file = folder / "space.yaml"
@@ -248,6 +251,30 @@ def test_paths_in_a_space_file_resolve_against_its_folder(test_zoo: Path, tmp_pa
     monkeypatch.chdir(tmp_path)
     space = load_space(str(space_file))
     assert space.base_model == str(folder / "models" / "base")
-    assert [m.path for m in space.models] == [str(folder / "models" / "help_en"), "zoo-test:safety"]
+    assert [m.path for m in space.models] == [str(folder / "models" / "en"), "zoo-test:safety"]
+    assert space.models[0].key == "en"
     assert space.evaluation.validation.harmful["en"] == str(folder / "prompts" / "harmful.jsonl")
     assert space.run_dir == folder / "runs" / "here"
+
+
+def test_a_grid_study_records_its_last_grid_point(tmp_path: Path):
+    """Optuna's grid sampler calls study.stop() after the last grid point, which raises outside
+    Study.optimize; the driver records the trial and stops by its own count."""
+    import optuna
+
+    from mergeopt.loop.store import ask, finished, open_study, record
+    from mergeopt.result import TrialResult
+    from mergeopt.space import load_space
+
+    base = load_space("safety_multilingual")
+    space = base.model_copy(update={"methods": ["task_arithmetic"], "search": base.search.model_copy(
+        update={"sampler": "grid", "grid_points": 2, "baselines": False})})
+    space = type(space).model_validate(space.model_dump(mode="json", by_alias=True))
+    study = open_study(space, tmp_path / "run")
+    size = 1
+    for d in space.distributions().values():
+        size *= len(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution) else 2
+    metrics = {"helpfulness": 0.5, "harm": 0.1, "over_refusal": 0.0, "unusable": 0.0, "combined": 0.4}
+    for _ in range(size):
+        record(space, study, ask(space, study), TrialResult(state="complete", metrics=metrics), 0.1)
+    assert len(finished(study)) == size

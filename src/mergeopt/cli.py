@@ -189,9 +189,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             raise StudyIncomplete(f"{space.name}: interrupted{done}; finished trials are kept in {run_dir}; "
                                   f"resume with: {resume}", 0, 0, interrupted=True) from None
     p = last.get("p")
-    if p is not None and p.phase == "timed out":
-        console.print(f"stopped at search.timeout ({space.search.timeout:g} s) with {p.done} of {p.total} trials "
-                      f"finished; resume with: {resume}")
+    if p is not None and p.phase == "timed out":  # on stderr: --quiet must not hide that trials are missing
+        print(f"mergeopt: stopped at search.timeout ({space.search.timeout:g} s) with {p.done} of {p.total} trials "
+              f"finished; resume with: {resume}", file=sys.stderr)
     summary = write_reports(space, study, run_dir, elapsed_s=time.perf_counter() - t0)
     _print_front(Console(width=max(Console().width, 130)), space, summary)
     if not args.no_export and summary.get("best"):
@@ -230,6 +230,7 @@ def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.backend != "ray":
         cmd += ["--backend", args.backend]
+    cmd += [flag for flag, on in (("--allow-pickle", args.allow_pickle), ("--trust-remote-code", args.trust_remote_code)) if on]
     return shlex.join(cmd)
 
 

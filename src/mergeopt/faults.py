@@ -7,7 +7,8 @@
 - `driver:tell@4`: the driver dies right after it records the 4th finished trial of this run;
 - `driver:ask@4`: the driver dies right after it asks its 4th candidate of this run.
 A fault is a SIGKILL: no handler, no cleanup, no flush; what survives is what a real crash leaves. A
-suffix names another signal: `driver:tell@4!INT` is a Ctrl-C at that point."""
+suffix names another signal: `driver:tell@4!INT` is a Ctrl-C at that point; `!RAISE` raises
+`InjectedFault` instead, an exception inside the trial rather than the death of its process."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def set_trial(number: int | None) -> None:
     _trial = number
 
 
-def _match(role: str, point: str, count: int | None) -> signal.Signals | None:
+class InjectedFault(RuntimeError):
+    """The exception a `!RAISE` fault raises."""
+
+
+def _match(role: str, point: str, count: int | None) -> signal.Signals | str | None:
     """The signal of the first fault that names this point, or None."""
     for spec in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
         spec, _, sig = spec.partition("!")
@@ -32,11 +37,13 @@ def _match(role: str, point: str, count: int | None) -> signal.Signals | None:
         if who != role or name != point:
             continue
         if not at or at == "*" or (count is not None and at.isdigit() and int(at) == count):
-            return signal.Signals[f"SIG{sig or 'KILL'}"]
+            return "RAISE" if sig == "RAISE" else signal.Signals[f"SIG{sig or 'KILL'}"]
     return None
 
 
 def point(name: str, role: str = "worker", count: int | None = None) -> None:
     """Signal this process here if a fault names this point; `count` defaults to the worker's trial."""
     if os.environ.get(ENV) and (sig := _match(role, name, _trial if count is None else count)) is not None:
+        if sig == "RAISE":
+            raise InjectedFault(f"injected fault at {name}")
         os.kill(os.getpid(), sig)

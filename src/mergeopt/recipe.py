@@ -159,7 +159,7 @@ def load_recipe(path: str | Path) -> Recipe:
     from .refs import anchor
 
     recipe = parse_model(Recipe, load_yaml(path), str(path))
-    folder = Path(path).resolve().parent
+    folder = Path(path).absolute().parent
     data = recipe.model_dump()
     data["base_model"] = anchor(data.get("base_model"), folder)
     for m in data["models"]:

@@ -7,6 +7,7 @@ recipe, a mergekit config) holds absolute folders or Hub ids, never a `zoo:` ref
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def anchor(ref: str | None, folder: Path) -> str | None:
     if not ref or is_zoo_ref(ref):
         return ref
     p = Path(ref).expanduser()
-    return str(p if p.is_absolute() else (folder / p).resolve())
+    # normalised, symlinks kept: a model's default name is its folder's name as written
+    return os.path.normpath(p if p.is_absolute() else Path(os.path.abspath(folder)) / p)
 
 
 def portable(ref: str) -> str:

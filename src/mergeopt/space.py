@@ -371,5 +371,13 @@ def resolve_space_path(ref: str) -> Path:
 
 def load_space(ref: str) -> Space:
     """A space file, its relative paths resolved against the file's folder (not the current one)."""
+    from pydantic import ValidationError
+
+    from .validation import format_validation_error
+
     path = resolve_space_path(ref)
-    return parse_model(Space, load_yaml(path), str(path)).anchored(path.resolve().parent)
+    space = parse_model(Space, load_yaml(path), str(path))
+    try:
+        return space.anchored(path.absolute().parent)
+    except ValidationError as err:
+        raise UserError(format_validation_error(str(path), Space, err)) from None

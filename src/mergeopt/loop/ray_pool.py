@@ -37,6 +37,13 @@ def init_ray(address: str | None, cpus: float, *, dashboard: bool = False) -> No
         ray.init(address="local", num_cpus=max(cpus, 1), **kw)
 
 
+def _raised(e: Exception) -> str:
+    """A Python exception inside a worker call, in one line: its type and first line."""
+    cause = getattr(e, "cause", None) or e
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
 def _died(e: Exception) -> str:
     """Why an actor is gone, in a few words. Ray's generic death message mentions the OOM killer as
     one possible cause, so only the memory monitor's own wording counts as out of memory."""
@@ -46,7 +53,8 @@ def _died(e: Exception) -> str:
     elif getattr(e, "preempted", False):
         cause = "its node was preempted"
     elif getattr(e, "actor_init_failed", False):
-        cause = "failed while starting"
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        cause = f"failed while starting: {lines[-1][:300]}" if lines else "failed while starting"
     else:
         cause = "killed"
     return f"worker died ({cause}: {type(e).__name__})"
@@ -70,6 +78,13 @@ class RayPool(WorkerPool):
         gpus = space.search.gpus_per_worker
         if gpus is None:
             gpus = 1 if (ray.cluster_resources().get("GPU", 0) or torch.cuda.is_available()) else 0
+        have = ray.cluster_resources().get("GPU", 0)
+        if gpus and address is None and workers * gpus > have:  # the extra actors would wait forever
+            from ..errors import UserError
+
+            raise UserError(f"search.workers: {workers} worker(s) with {gpus:g} GPU each need {workers * gpus:g} "
+                            f"GPUs, this node has {have:g}; use --workers {max(1, int(have // gpus))} or "
+                            "search.gpus_per_worker")
         phase("loading models")
         _, merger = load_resident(space, **load)
         self.shared = ray.put(pack_tensors(merger.base, merger.taus))  # held for the study: replacements read it
@@ -95,8 +110,9 @@ class RayPool(WorkerPool):
         for ref, slot in calls.items():
             try:
                 self.info[slot] = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError as e:
-                self.failed_at_start[slot] = _died(e)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
+                self.failed_at_start[slot] = _died(e) if isinstance(e, self.ray.exceptions.RayActorError) else \
+                    f"worker failed while starting ({_raised(e)})"
                 self.ray.kill(self.handles[slot], no_restart=True)
 
     @property
@@ -128,11 +144,15 @@ class RayPool(WorkerPool):
                 return key, Started(slot, True, self.info[slot])
             except self.ray.exceptions.RayActorError as e:
                 return key, Started(slot, False, reason=_died(e))
+            except self.ray.exceptions.RayTaskError as e:
+                return key, Started(slot, False, reason=f"worker failed while starting ({_raised(e)})")
         slot = self.calls.pop(key)
         try:
             return key, self.ray.get(key)
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as e:
             return key, TrialResult.died(slot, _died(e))
+        except self.ray.exceptions.RayTaskError as e:  # the trial raised (CUDA out of memory, say): it failed
+            return key, TrialResult(state="fail", worker=slot, reason=_raised(e))
 
     def workers(self) -> list[dict[str, Any]]:
         return [self.info[s] for s in sorted(self.info)]

@@ -13,10 +13,13 @@ sequential, so the same seed gives the same trials, resumed or not."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -29,6 +32,20 @@ from .pools import Started, WorkerPool
 from .progress import Front, Progress
 from .pruning import prune_threshold
 from .store import ask, finished, record, requeue
+
+START_TIMEOUT_S = 1800.0  # a replacement that has not started by then (no free GPU, a hung node) is given up
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Phase(str, Enum):
@@ -83,13 +100,16 @@ class Scheduler:
             while (phase := self.step()) in (Phase.RUNNING, Phase.DRAINING):
                 pass
         finally:
-            for s in self.slots:
-                if s.ahead is not None:  # asked but never started (timeout, a worker that never came back)
-                    requeue(self.study, s.ahead, "not started: the study stopped first")
-                    s.ahead = None
-                if s.trial is not None:  # only when the loop was interrupted (Ctrl-C): it runs again on resume
-                    requeue(self.study, s.trial, "interrupted: the study was stopped while it ran")
-                    s.trial = None
+            with _no_interrupts():  # a second Ctrl-C must not cut the bookkeeping short
+                while self.received:  # finished before an interruption: recorded, not run again
+                    self._record(*self.received.popleft())
+                for s in self.slots:
+                    if s.ahead is not None:  # asked but never started (timeout)
+                        requeue(self.study, s.ahead, "not started: the study stopped first")
+                        s.ahead = None
+                    if s.trial is not None:  # only when the loop was interrupted (Ctrl-C): it runs again on resume
+                        requeue(self.study, s.trial, "interrupted: the study was stopped while it ran")
+                        s.trial = None
         self.progress.phase = phase.value
         self._show()
         return phase
@@ -99,8 +119,11 @@ class Scheduler:
         now = time.perf_counter()
         for i, s in enumerate(self.slots):
             if s.state is SlotState.BACKOFF and s.due <= now:
-                s.state = SlotState.STARTING
+                s.state, s.due = SlotState.STARTING, now + START_TIMEOUT_S
                 self.calls[self.pool.start(i)] = i
+            elif s.state is SlotState.STARTING and s.due <= now:  # e.g. no free GPU for it: give up on it
+                self.calls = {k: v for k, v in self.calls.items() if v != i}
+                self._lost(i, f"a replacement worker did not start within {START_TIMEOUT_S:.0f} s")
             if s.state is SlotState.IDLE and s.ahead is not None and now < self.deadline:
                 self._submit(i, s.ahead)
                 s.ahead = None
@@ -120,17 +143,20 @@ class Scheduler:
                 behind[0].ahead = self._ask()
                 return self.phase()
         phase = self.phase()
-        if phase in (Phase.RUNNING, Phase.DRAINING) and self.calls:
-            due = [s.due for s in self.slots if s.state is SlotState.BACKOFF]
-            timeout = max(0.0, min(due) - time.perf_counter()) if due else None
+        if phase not in (Phase.RUNNING, Phase.DRAINING):
+            return phase
+        due = [s.due for s in self.slots if s.state in (SlotState.BACKOFF, SlotState.STARTING)]
+        timeout = max(0.0, min(due) - time.perf_counter()) if due else None
+        if self.calls:
             if (got := self.pool.wait(list(self.calls), timeout=timeout)) is not None:
                 self._receive(*got)
-        elif due := [s.due for s in self.slots if s.state is SlotState.BACKOFF]:  # only restarts to wait for
-            time.sleep(max(0.0, min(due) - time.perf_counter()))
+        elif timeout is not None:  # only replacements to wait for
+            time.sleep(timeout)
         return self.phase()
 
     def phase(self) -> Phase:
-        if self.calls or self.received or any(s.state is SlotState.BACKOFF for s in self.slots):
+        """Replacements still starting keep the study going only while there are trials to give them."""
+        if self.received or any(s.state is SlotState.BUSY for s in self.slots):
             return Phase.RUNNING if self._room() else Phase.DRAINING
         if self.progress.done >= self.n_trials:
             return Phase.DONE
@@ -192,14 +218,14 @@ class Scheduler:
         """A worker is gone: replace it after a backoff that doubles each time, up to the bound."""
         s = self.slots[i]
         s.reason = reason
+        if s.ahead is not None:  # back to the queue, for whichever worker is free first
+            requeue(self.study, s.ahead, "not started: its worker was lost")
+            s.ahead = None
         if s.restarts < self.max_restarts:
             s.state, s.due = SlotState.BACKOFF, time.perf_counter() + self.backoff_s * 2**s.restarts
             s.restarts += 1
             return
         s.state = SlotState.LOST
-        if s.ahead is not None:
-            requeue(self.study, s.ahead, "not started: its worker was lost")
-            s.ahead = None
 
     def _record(self, trial: optuna.trial.Trial, result: TrialResult, wall: float) -> None:
         if record(self.space, self.study, trial, result, wall):

@@ -40,6 +40,10 @@ def find_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.S
     study = optuna.load_study(study_name=space.name, storage=storage, sampler=make_sampler(space))
     fp = study.user_attrs.get("fingerprint")
     if fp != space.fingerprint():
+        if storage_spec(space.storage, run_dir).kind == "rdb":  # a server names studies, not run folders
+            raise UserError(f"storage: {storage_spec(space.storage, run_dir).url} holds a study named {space.name!r} "
+                            f"made by a different search space (fingerprint {fp}, this file {space.fingerprint()}); "
+                            "give this space file another `name`")
         raise UserError(f"{run_dir}: this run folder was made by a different search space (fingerprint {fp}, "
                         f"this file {space.fingerprint()}); use --run-dir to start fresh elsewhere or delete the folder")
     rules = int(study.user_attrs.get("merge_rules", 1))
@@ -91,11 +95,11 @@ def ask(space: Space, study: optuna.Study) -> optuna.trial.Trial:
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, reason: str) -> None:
     """Fail a trial that did not finish, without counting it, and enqueue its parameters again."""
     storage, tid = study._storage, trial._trial_id
+    if trial.params:  # enqueued first: a crash in between leaves one extra run, never a lost one
+        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")})
     storage.set_trial_user_attr(tid, "interrupted", True)
     storage.set_trial_user_attr(tid, "reason", reason)
     storage.set_trial_state_values(tid, S.FAIL)
-    if trial.params:
-        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seed")})
 
 
 def recover_interrupted(study: optuna.Study) -> int:
@@ -114,10 +118,10 @@ def record(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result:
     if result.state == "complete":
         trial.set_user_attr("metrics", result.metrics)
         single = SAMPLERS[space.search.sampler].single_objective
-        study.tell(trial, [combined_score(space, result.metrics)] if single else objective_values(space, result.metrics))
+        _tell(study, trial, [combined_score(space, result.metrics)] if single else objective_values(space, result.metrics))
         return True
     if result.state == "pruned":
-        study.tell(trial, state=S.PRUNED)
+        _tell(study, trial, state=S.PRUNED)
         return True
     counted = True
     reason = result.reason or "unknown failure"
@@ -131,5 +135,15 @@ def record(space: Space, study: optuna.Study, trial: optuna.trial.Trial, result:
         else:
             reason = f"{reason}; gave up after {MAX_RETRIES} retries"
     trial.set_user_attr("reason", reason)
-    study.tell(trial, state=S.FAIL)
+    _tell(study, trial, state=S.FAIL)
     return counted
+
+
+def _tell(study: optuna.Study, trial: optuna.trial.Trial, values: list[float] | None = None, **kw) -> None:
+    """Optuna's tell. The grid sampler calls `study.stop()` once every grid point has run, which raises
+    outside `Study.optimize`; the trial is stored by then, and the driver stops by its own count."""
+    try:
+        study.tell(trial, values, **kw)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
