@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,10 @@ def _optimize(space: Path, run: Path, *extra: str, fault: str | None = None, tim
         env["MERGEOPT_FAULT"] = fault
     cmd = [sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(space), "--run-dir", str(run), "--quiet",
            "--no-export", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # A shell's background jobs (nohup, `&`, some CI runners) start with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the study the terminal's default, as a user's Ctrl-C finds it.
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _study(space: Path, run: Path) -> optuna.Study:
