@@ -49,7 +49,11 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
                 RayPool(space, min(workers, n_trials - done_before), address, dashboard=dashboard,
                         on_phase=on_phase, **load))
     try:
-        study = open_study(space, run_dir)
+        if existing is None:
+            study = open_study(space, run_dir)
+        else:  # already found and checked above: not opened a second time
+            study = existing
+            run_dir.mkdir(parents=True, exist_ok=True)
         recover_interrupted(study)
         (run_dir / "space.json").write_text(json.dumps(space.model_dump(mode="json", by_alias=True), indent=2))
         if pool is None or done_before >= n_trials:
