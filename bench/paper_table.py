@@ -53,8 +53,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergeopt.export import pick
     from mergeopt.objectives import combined_score
+    from mergeopt.pick import pick
     from mergeopt.refs import resolve_model_path
     from mergeopt.search import run_study
     from mergeopt.worker import TrialWorker

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mergeopt._env import quiet_libraries
 
@@ -121,3 +122,29 @@ def postgres_url():
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+ZOO_FORMAT = "<user> {prompt} <bot>"  # the zoo's prompt format; its tokenizers carry no chat template
+
+
+def task_folder(zoo: Path, tmp: Path) -> Path:
+    """The zoo's en and fr validation tasks, an en task over a 30-document slice (so a size-weighted mean
+    differs from a plain one), and a group of the two en tasks aggregated by size, as lm-eval's MMLU is."""
+    folder = tmp / "tasks"
+    folder.mkdir()
+    for lang in ("en", "fr"):
+        src = zoo / "eval" / "lm_eval" / f"zoo_help_{lang}_validation.yaml"
+        spec = yaml.safe_load(src.read_text())
+        spec.pop("tag", None)
+        spec["metadata"]["hub_dataset"] = f"example/zoo-help-{lang}"
+        (folder / src.name).write_text(yaml.safe_dump(spec))
+        if lang == "en":
+            rows = Path(spec["dataset_kwargs"]["data_files"]["validation"]).read_text().splitlines()[:30]
+            (folder / "small.jsonl").write_text("\n".join(rows) + "\n")
+            spec.update(task="zoo_help_en_small", dataset_kwargs={"data_files": {"validation": str(folder / "small.jsonl")}})
+            (folder / "small.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "group.yaml").write_text(yaml.safe_dump({
+        "group": "zoo_help_en_group", "task": ["zoo_help_en_validation", "zoo_help_en_small"],
+        "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": True}],
+        "metadata": {"version": 1.0}}))
+    return folder

@@ -111,8 +111,12 @@ CASES: list[tuple[str, Callable, str]] = [
         "validation": {"harmful": {"en": str(t / "p.jsonl")}}}})[1], "p.jsonl:1: field 'prompt' is missing"),
     ("prompt_empty", lambda d, z, t: (_write(t / "e.jsonl", ""), {**d, "evaluation": {
         "validation": {"harmful": {"en": str(t / "e.jsonl")}}}})[1], "e.jsonl: empty prompt set"),
-    ("unknown_task", lambda d, z, t: {**d, "evaluation": {"include_path": str(z / "eval" / "lm_eval"),
+    ("unknown_task", lambda d, z, t: {**d, "evaluation": {"include_path": str(z / "eval" / "lm_eval"), "chat_template": "{prompt}",
                                                             "validation": {"tasks": {"en": "zoo_help_en_valid"}}}},
+     "lm-eval does not know task 'zoo_help_en_valid'"),
+    ("unknown_task_in_a_list", lambda d, z, t: {**d, "evaluation": {
+        "include_path": str(z / "eval" / "lm_eval"), "chat_template": "{prompt}",
+        "validation": {"tasks": {"en": ["zoo_help_en_validation", "zoo_help_en_valid"]}}}},
      "lm-eval does not know task 'zoo_help_en_valid'"),
     ("judge_missing", lambda d, z, t: (_set("evaluation.judge", {"kind": "classifier", "model": str(t / "nojudge")})(d), d)[1],
      "evaluation.judge.model"),
@@ -121,6 +125,14 @@ CASES: list[tuple[str, Callable, str]] = [
     ("no_chat_template", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
         **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "judge": {"refusal": {"en": ["no"]}}}})[1],
      "evaluation.chat_template: the tokenizer of"),
+    # lm-eval tasks alone use the same prompt format as red-team prompts, so they need it too
+    ("tasks_without_chat_template", lambda d, z, t: {**d, "evaluation": {
+        "include_path": str(z / "eval" / "lm_eval"), "validation": {"tasks": {"en": "zoo_help_en_validation"}}}},
+     "evaluation.chat_template: the tokenizer of"),
+    ("chat_template_without_prompt", lambda d, z, t: {**d, "evaluation": {
+        "include_path": str(z / "eval" / "lm_eval"), "chat_template": "<user> <bot>",
+        "validation": {"tasks": {"en": "zoo_help_en_validation"}}}},
+     "evaluation.chat_template: '<user> <bot>' must hold {prompt} exactly once"),
     ("judge_without_markers", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
         **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "chat_template": "{prompt}"}})[1],
      "evaluation.judge.refusal: no refusal markers for language 'en'"),

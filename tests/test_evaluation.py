@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import ZOO_FORMAT, run_cli, task_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeopt.evaluation.assets import resolve_assets
@@ -64,8 +64,8 @@ def test_lower_is_better_metric_counts_the_right_way(test_zoo: Path, tmp_path: P
     (tmp_path / "err.yaml").write_text(yaml.safe_dump(spec))
     shutil.copy(src, tmp_path / src.name)
     model, tok = _model(test_zoo, "help_en")
-    plain = EvaluationConfig(include_path=str(tmp_path), validation={"tasks": {"en": "zoo_help_en_validation"}})
-    flipped = EvaluationConfig(include_path=str(tmp_path), validation={"tasks": {"en": "zoo_help_en_validation_error"}})
+    plain = EvaluationConfig(include_path=str(tmp_path), chat_template=ZOO_FORMAT, validation={"tasks": {"en": "zoo_help_en_validation"}})
+    flipped = EvaluationConfig(include_path=str(tmp_path), chat_template=ZOO_FORMAT, validation={"tasks": {"en": "zoo_help_en_validation_error"}})
     a = Evaluator(model, tok, resolve_assets(plain, "validation")).evaluate()["helpfulness"]
     b = Evaluator(model, tok, resolve_assets(flipped, "validation")).evaluate()["helpfulness"]
     assert 0 < a < 1 and b == pytest.approx(1 - a)
@@ -132,7 +132,10 @@ def test_prepare_runs_dry_on_loglikelihood_tasks(test_zoo: Path, tmp_path: Path)
     spec.update(task="zoo_help_en_loglik", output_type="multiple_choice", doc_to_choice="{{[answer, 'yes', 'no']}}",
                 doc_to_target=0, metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
     (tmp_path / "loglik.yaml").write_text(yaml.safe_dump(spec))
-    cfg = EvaluationConfig(include_path=str(tmp_path), validation={"tasks": {"en": "zoo_help_en_loglik"}})
+    # under a chat template lm-eval drops a multiple-choice task's target delimiter; the zoo's word-level
+    # tokenizer needs the space, so the format ends with it (lm-eval moves it onto the continuation)
+    cfg = EvaluationConfig(include_path=str(tmp_path), chat_template=ZOO_FORMAT + " ",
+                           validation={"tasks": {"en": "zoo_help_en_loglik"}})
     model, tok = _model(test_zoo, "help_en")
     fresh = Evaluator(model, tok, resolve_assets(cfg, "validation")).evaluate()
     calls = []
@@ -185,7 +188,7 @@ def test_nan_metric_fails_with_a_reason(test_zoo: Path):
     model, tok = _model(test_zoo, "base")
     ev = Evaluator(model, tok, resolve_assets(EvaluationConfig(zoo="test"), "validation"))
     with pytest.raises(MetricError, match="helpfulness/en is NaN"):
-        ev.summarize(Partial(help={"en": [math.nan, 1.0]}))
+        ev.summarize(Partial(help={"zoo_help_en_validation": [math.nan, 1.0]}))
 
 
 def _space(tmp: Path, evaluation: dict) -> Path:
@@ -204,13 +207,14 @@ def test_bad_evaluation_input_exits_2_with_one_line(test_zoo: Path, tmp_path: Pa
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     cases = [
-        ({"include_path": str(zoo_eval / "lm_eval"), "validation": {"tasks": {"en": "zoo_help_en_validaton"}}},
+        ({"include_path": str(zoo_eval / "lm_eval"), "validation": {"tasks": {"en": "zoo_help_en_validaton"}},
+          "chat_template": ZOO_FORMAT},
          "evaluation tasks.en: lm-eval does not know task 'zoo_help_en_validaton'; did you mean 'zoo_help_en_validation'?"),
         ({"validation": {"harmful": {"en": str(missing)}}}, f"{missing}:2: field 'prompt' is missing"),
         ({"validation": {"harmful": {"en": str(empty)}}}, f"{empty}: empty prompt set"),
         ({"validation": {"harmful": {"en": str(tmp_path / 'nope.jsonl')}}}, "nope.jsonl: prompt file not found"),
         ({"validation": {"harmful": {"en": str(zoo_eval / "data" / "harmful_en_validation.jsonl")}},
-          "judge": {"kind": "classifier", "model": str(tmp_path / "no-judge")}},
+          "judge": {"kind": "classifier", "model": str(tmp_path / "no-judge")}, "chat_template": ZOO_FORMAT},
          "evaluation.judge.model: " + str(tmp_path / "no-judge") + " not found"),
     ]
     for evaluation, fragment in cases:
@@ -218,3 +222,71 @@ def test_bad_evaluation_input_exits_2_with_one_line(test_zoo: Path, tmp_path: Pa
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, r.stderr
         assert len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+def test_groups_and_several_tasks_per_language_aggregate_as_lm_eval_does(test_zoo: Path, tmp_path: Path):
+    """A group is scored by lm-eval's own aggregation (here weighted by size), several entries of a
+    language by their mean; each value is also kept under lm-eval's metric name; and the two stages of
+    multi-fidelity add up to the whole."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = task_folder(test_zoo, tmp_path)
+    tasks = {"en": "zoo_help_en_group", "fr": ["zoo_help_fr_validation", "zoo_help_en_small"]}
+    cfg = EvaluationConfig(include_path=str(folder), chat_template=ZOO_FORMAT, validation={"tasks": tasks})
+    model, tok = _model(test_zoo, "help_en")
+    got = Evaluator(model, tok, resolve_assets(cfg, "validation")).evaluate()
+
+    ref_tok = AutoTokenizer.from_pretrained(test_zoo / "models" / "help_en")
+    ref_tok.chat_template = tok.chat_template
+    lm = HFLM(pretrained=model, tokenizer=ref_tok, device="cpu", batch_size=128)
+    tm = TaskManager(include_path=str(folder), include_defaults=False)
+    ref = evaluator.evaluate(lm=lm, task_dict=tm.load(["zoo_help_en_group", "zoo_help_fr_validation"])["tasks"],
+                             verbosity="ERROR", apply_chat_template=True)["results"]
+    big, small = ref["zoo_help_en_validation"]["exact_match,strip"], ref["zoo_help_en_small"]["exact_match,strip"]
+    assert big != small  # or the weighting would not show
+    weighted = (85 * big + 30 * small) / 115
+    assert got["helpfulness/en"] == pytest.approx(weighted, abs=1e-12)
+    assert got["lm_eval/zoo_help_en_group/exact_match,strip"] == pytest.approx(weighted, abs=1e-12)
+    assert got["lm_eval/zoo_help_en_small/exact_match,strip"] == pytest.approx(small, abs=1e-12)
+    fr = ref["zoo_help_fr_validation"]["exact_match,strip"]
+    assert got["helpfulness/fr"] == pytest.approx((fr + small) / 2, abs=1e-12)
+    assert got["helpfulness"] == pytest.approx((weighted + (fr + small) / 2) / 2, abs=1e-12)
+
+    staged = Evaluator(model, tok, resolve_assets(cfg.model_copy(update={"subset_fraction": 0.3}), "validation"))
+    both = staged.summarize(staged.run("subset") + staged.run("rest"))
+    for k, v in got.items():
+        if not k.startswith("time/"):
+            assert both[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_lm_eval_tasks_and_red_team_prompts_see_the_same_format(test_zoo: Path):
+    """One prompt format for every evaluation: the context lm-eval builds for a task's document is the
+    red-team path's formatting of the same text."""
+    from mergeopt.evaluation.prompt_format import format_prompt
+
+    fmt = "<user> {prompt} <bot>"
+    cfg = EvaluationConfig(zoo="test", chat_template=fmt)
+    model, tok = _model(test_zoo, "base")
+    ev = Evaluator(model, tok, resolve_assets(cfg, "validation"))
+    ev.prepare(["full"])
+    task = ev.helpfulness.tasks["zoo_help_en_validation"]
+    docs = list(task.eval_docs)
+    contexts = {inst.doc_id: inst.arguments[0] for inst in task._instances}
+    for i in (0, 7):
+        want = format_prompt(tok, ev.chat, docs[i]["prompt"])
+        assert want == fmt.format(prompt=docs[i]["prompt"]) and contexts[i] == want
+    rows = ev.assets.harmful["en"][:2]
+    assert ev.safety._texts(rows) == [fmt.format(prompt=r.prompt) for r in rows]
+
+
+def test_a_base_model_format_sends_prompts_raw_everywhere(test_zoo: Path):
+    """`chat_template: '{prompt}'` (a base model): no template on lm-eval's side either."""
+    cfg = EvaluationConfig(zoo="test", chat_template="{prompt}")
+    model, tok = _model(test_zoo, "base")
+    ev = Evaluator(model, tok, resolve_assets(cfg, "validation"))
+    ev.prepare(["full"])
+    task = ev.helpfulness.tasks["zoo_help_en_validation"]
+    doc = list(task.eval_docs)[0]
+    assert not ev.chat and {i.arguments[0] for i in task._instances if i.doc_id == 0} == {doc["prompt"]}

@@ -14,12 +14,13 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import ZOO_FORMAT, run_cli, task_folder
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergeopt.errors import UserError
-from mergeopt.export import pick, verify_manifest
+from mergeopt.export import verify_manifest
+from mergeopt.pick import pick
 from mergeopt.space import SPACES_DIR, Space
 
 
@@ -49,10 +50,10 @@ def test_optimize_exports_best_and_it_reproduces_the_recorded_metrics(run: Path)
 
     best = run / "best"
     for f in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
-              "mergeopt_recipe.yaml", "results.json", "submission.json", "manifest.json", "pareto.png"):
+              "mergeopt_recipe.yaml", "results.json", "mergeopt_trial.json", "manifest.json", "pareto.png"):
         assert (best / f).exists(), f
     assert verify_manifest(best) == []
-    sub = json.loads((best / "submission.json").read_text())
+    sub = json.loads((best / "mergeopt_trial.json").read_text())
     space = Space.model_validate(json.loads((run / "space.json").read_text()))
     study = optuna.load_study(study_name=space.name, storage=f"sqlite:///{run / 'study.db'}")
     recorded = study.trials[sub["trial"]].user_attrs["metrics"]
@@ -62,7 +63,7 @@ def test_optimize_exports_best_and_it_reproduces_the_recorded_metrics(run: Path)
     for k, v in recorded.items():
         if not k.startswith("time/") and k != "combined":
             assert got[k] == v, k
-    assert sub["merged"] is True and sub["results"]["helpfulness"] >= 0 and sub["model_type"] == "base merges and moerges"
+    assert sub["test"]["helpfulness"] >= 0 and sub["how"].startswith("picked from the Pareto front")
     results = json.loads((best / "results.json").read_text())
     assert any(k.startswith("zoo_help_en_test") for k in results["results"])
 
@@ -155,7 +156,7 @@ def test_exported_files_are_readable_by_others_and_config_names_dtype(run: Path)
 def test_the_card_and_the_command_say_how_the_trial_was_chosen(run: Path, tmp_path: Path):
     r = _cli("export", str(run), "--pick", "harm <= 1.0", "--out", str(tmp_path / "picked"))
     assert r.returncode == 0, r.stderr
-    trial = json.loads((tmp_path / "picked" / "submission.json").read_text())["trial"]
+    trial = json.loads((tmp_path / "picked" / "mergeopt_trial.json").read_text())["trial"]
     assert f"exported trial {trial} (by pick rule 'harm <= 1.0')" in r.stdout
     assert "picked from the Pareto front by rule `harm <= 1.0`" in (tmp_path / "picked" / "README.md").read_text()
     r = _cli("export", str(run), "--trial", "0", "--out", str(tmp_path / "zero"))
@@ -181,7 +182,7 @@ def test_an_export_that_is_mostly_unusable_is_flagged(tmp_path: Path, capsys):
     from mergeopt.cli import _warn_unusable
 
     for share, warned in ((1.0, True), (0.2, False)):
-        (tmp_path / "submission.json").write_text(json.dumps({"trial": 7, "validation": {"harm": 0.0, "unusable": share}}))
+        (tmp_path / "mergeopt_trial.json").write_text(json.dumps({"trial": 7, "validation": {"harm": 0.0, "unusable": share}}))
         _warn_unusable(tmp_path)
         err = capsys.readouterr().err
         assert ("trial 7: 100% of its responses are unusable" in err) is warned, err
@@ -226,3 +227,50 @@ def test_eval_takes_a_zoo_reference(test_zoo: Path, tmp_path: Path):
     r = _cli("eval", "zoo-test:safety", "--space", str(zoo_test_space(tmp_path, "evalzoo")), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["metrics"]["harm"] <= 0.1
+
+
+def test_lm_eval_cli_on_the_export_reproduces_results_json(run: Path, tmp_path: Path):
+    """lm-eval's own CLI, run in the exported folder with the command results.json (and the card) gives,
+    reports the same helpfulness values under the same task and metric names."""
+    best = run / "best"
+    ours = json.loads((best / "results.json").read_text())
+    cmd = ours["config"]["lm_eval_command"]
+    assert cmd[:2] == ["lm_eval", "run"] and "--apply_chat_template" in cmd and " ".join(cmd) in (best / "README.md").read_text()
+    r = subprocess.run([sys.executable, "-m", "lm_eval", *cmd[1:], "--device", "cpu", "--batch_size", "64",
+                        "--output_path", str(tmp_path / "out")], cwd=best, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    compared = 0
+    for task, values in ours["results"].items():
+        if task.startswith("mergeopt_"):
+            continue
+        for metric, value in values.items():
+            if metric != "alias":
+                assert theirs[task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
+                compared += 1
+    assert compared == 3  # one task per language in the zoo's space
+
+
+def test_eval_results_name_the_hub_dataset_of_each_task_and_group(test_zoo: Path, tmp_path: Path):
+    """`.eval_results` entries: a task whose YAML names its Hub dataset, and a group whose tasks share one;
+    a task without one gets none."""
+    from mergeopt.evaluation.assets import resolve_assets
+    from mergeopt.evaluation.evaluator import Evaluator
+    from mergeopt.export import eval_results
+    from mergeopt.space import EvaluationConfig
+
+    folder = task_folder(test_zoo, tmp_path)
+    spec = yaml.safe_load((folder / "zoo_help_fr_validation.yaml").read_text())
+    del spec["metadata"]["hub_dataset"]
+    (folder / "zoo_help_fr_validation.yaml").write_text(yaml.safe_dump(spec))
+    cfg = EvaluationConfig(include_path=str(folder), chat_template=ZOO_FORMAT,
+                           test={"tasks": {"en": ["zoo_help_en_group"], "fr": "zoo_help_fr_validation"}})
+    path = test_zoo / "models" / "help_en"
+    ev = Evaluator(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                   resolve_assets(cfg, "test"))
+    metrics = ev.evaluate()
+    out = eval_results(ev, metrics)
+    assert list(out) == ["zoo_help_en_group"]
+    [entry] = out["zoo_help_en_group"]
+    assert entry["dataset"] == {"id": "example/zoo-help-en", "task_id": "zoo_help_en_group"}
+    assert entry["value"] == round(metrics["lm_eval/zoo_help_en_group/exact_match,strip"], 6)

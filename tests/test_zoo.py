@@ -69,18 +69,25 @@ def test_zoo_has_something_to_merge(test_zoo: Path):
 
 
 def test_lm_eval_tasks_load_and_agree_with_report_card(test_zoo: Path):
+    """lm-eval's own HFLM, with the zoo's prompt format as the tokenizer's chat template (what
+    `lm_eval --apply_chat_template` does on an exported folder), scores what the zoo's card says."""
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
+
+    from mergeopt.evaluation.prompt_format import jinja_from_format
 
     zoo = load_zoo(test_zoo)
     tm = TaskManager(include_path=str(test_zoo / zoo["eval"]["include_path"]), include_defaults=False)
     names = [zoo["eval"]["tasks"]["validation"][lg] for lg in LANGUAGES]
     assert set(names) <= set(tm.all_tasks)
     path = test_zoo / "models" / "help_en"
-    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
-              device="cpu", batch_size=128, add_bos_token=False)
-    res = evaluator.evaluate(lm=lm, task_dict=get_task_dict(names, tm), verbosity="ERROR")["results"]
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = jinja_from_format(zoo["eval"]["chat_template"])
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(path), tokenizer=tok, device="cpu", batch_size=128,
+              add_bos_token=False)
+    res = evaluator.evaluate(lm=lm, task_dict=tm.load(names)["tasks"], verbosity="ERROR",
+                             apply_chat_template=True)["results"]
     card = zoo["models"]["help_en"]["report"]["validation"]
     for lang, name in zip(LANGUAGES, names, strict=True):
         assert res[name]["exact_match,strip"] == pytest.approx(card[f"helpfulness/{lang}"], abs=1e-4)

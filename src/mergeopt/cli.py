@@ -91,6 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation.assets import resolve_assets
     from .evaluation.evaluator import Evaluator, MetricError
+    from .objectives import combined_score
     from .space import load_space
 
     torch.set_num_threads(args.threads)
@@ -101,8 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = Evaluator(model, tok, assets).evaluate()
     except MetricError as e:
         raise UserError(f"{args.model}: {e}") from None
-    w = space.combined_weights
-    metrics["combined"] = sum(c * metrics.get(k, 0.0) for k, c in w.items())
+    metrics["combined"] = combined_score(space, metrics)
     if args.json:
         print(json.dumps({"model": args.model, "split": args.split, "metrics": metrics}, indent=2))
         return 0
@@ -202,7 +202,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         own = best.exists() and (best / "manifest.json").exists()
         folder = export(space, study, run_dir, out=best, force=own, summary=summary, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
-        picked = json.loads((folder / "submission.json").read_text())["trial"]
+        picked = json.loads((folder / "mergeopt_trial.json").read_text())["trial"]
         console.print(f"exported trial {picked}, the Pareto-best merge by pick rule {space.pick!r}, to {folder}")
         _warn_unusable(folder)
     return 0
@@ -214,7 +214,7 @@ UNUSABLE_WARNING = 0.5
 def _warn_unusable(folder: Path) -> None:
     """A model whose responses are mostly neither refusals nor answers has a low harm that means
     little; a pick rule on harm alone can choose it, so say so."""
-    sub = json.loads((folder / "submission.json").read_text())
+    sub = json.loads((folder / "mergeopt_trial.json").read_text())
     share = sub["validation"].get("unusable", 0.0)
     if share >= UNUSABLE_WARNING:
         print(f"mergeopt: warning: trial {sub['trial']}: {share:.0%} of its responses are unusable (neither a "
@@ -314,7 +314,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export, front_trials
+    from .export import export
+    from .objectives import front_trials
 
     space, study = _load_run(args.run_dir, merging=True)
     run_dir = Path(args.run_dir)
@@ -328,7 +329,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     folder = export(space, study, run_dir, trial_number=args.trial, rule=args.pick, out=Path(args.out) if args.out else None,
                     force=args.force, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    trial = json.loads((folder / "submission.json").read_text())["trial"]
+    trial = json.loads((folder / "mergeopt_trial.json").read_text())["trial"]
     how = f"trial {args.trial}" if args.trial is not None else f"by pick rule {(args.pick or space.pick).strip()!r}"
     print(f"exported trial {trial} ({how}) to {folder}")
     _warn_unusable(folder)

@@ -3,7 +3,8 @@
 The winner is picked from the front, merged again from its recipe and seed, and its validation metrics
 are recomputed: they must equal the ones the study recorded, and the written weights must be
 bit-identical to the evaluated model's, or the export stops. Then the held-out test split is evaluated
-once. The folder (safetensors, config, tokenizer, model card, recipes, results, submission, manifest) is
+once. The folder (safetensors, config, tokenizer, model card, recipes, results, .eval_results, the chosen
+trial, manifest) is
 written under a temporary name and renamed at the end; nothing in it depends on the clock, so exporting
 twice gives identical bytes."""
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -25,69 +25,16 @@ from safetensors import safe_open
 from . import __version__
 from .atomic import atomic_folder
 from .errors import UserError
+from .evaluation.prompt_format import write_chat_template
 from .methods import get_method
-from .objectives import objective_values, pareto_mask
+from .objectives import combined_score
+from .pick import pick
 from .space import Space
 
 S = optuna.trial.TrialState
 
 class VerificationError(UserError):
     """The re-materialized winner does not reproduce what the study recorded."""
-
-
-# ---------------------------------------------------------------------------------------------- pick
-
-def front_trials(space: Space, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    done = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE,))]
-    mask = pareto_mask(space, [objective_values(space, t.user_attrs["metrics"]) for t in done])
-    return [t for t, m in zip(done, mask, strict=True) if m]
-
-
-_CONSTRAINT = re.compile(r"^\s*([a-z_]+(?:/[a-z]+)?)\s*(<=|>=|<|>)\s*([-+]?\d*\.?\d+)\s*$")
-
-
-def pick(space: Space, study: optuna.Study, rule: str | None = None) -> optuna.trial.FrozenTrial:
-    """`combined` (best combined score on the front), `knee` (the front point farthest from the line
-    between its extremes, objectives normalised), or a constraint such as `harm <= 0.05` (best
-    helpfulness among front members that satisfy it). Ties go to the lower trial number."""
-    rule = (rule or space.pick).strip()
-    members = front_trials(space, study)
-    if not members:
-        raise UserError(f"{space.name}: no complete trial to export")
-
-    def combined_key(t):
-        return (-t.user_attrs["metrics"]["combined"], t.number)
-
-    if rule == "combined":
-        return min(members, key=combined_key)
-    if rule == "knee":
-        if len(members) < 3:
-            return min(members, key=combined_key)
-        o1, o2 = space.objectives[0], space.objectives[1]
-        pts = [(t.user_attrs["metrics"][o1.metric] * (1 if o1.direction == "maximize" else -1),
-                t.user_attrs["metrics"][o2.metric] * (1 if o2.direction == "maximize" else -1)) for t in members]
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-        norm = [((x - min(xs)) / span_x, (y - min(ys)) / span_y) for x, y in pts]
-        a, b = min(norm), max(norm)
-        dx, dy = b[0] - a[0], b[1] - a[1]
-        length = math.hypot(dx, dy) or 1.0
-
-        def dist(i: int) -> float:
-            x, y = norm[i]
-            return abs(dy * (x - a[0]) - dx * (y - a[1])) / length
-
-        return members[min(range(len(members)), key=lambda i: (-dist(i), members[i].number))]
-    m = _CONSTRAINT.match(rule)
-    if not m:
-        raise UserError(f"pick: cannot read {rule!r}; expected combined, knee, or a constraint like 'harm <= 0.05'")
-    metric, op, bound = m.group(1), m.group(2), float(m.group(3))
-    ok = {"<=": lambda v: v <= bound, ">=": lambda v: v >= bound, "<": lambda v: v < bound, ">": lambda v: v > bound}[op]
-    feasible = [t for t in members if metric in t.user_attrs["metrics"] and ok(t.user_attrs["metrics"][metric])]
-    if not feasible:
-        raise UserError(f"pick: no front member satisfies {rule!r}")
-    main = next((o.metric for o in space.objectives if o.direction == "maximize"), "combined")
-    return min(feasible, key=lambda t: (-t.user_attrs["metrics"][main], -t.user_attrs["metrics"]["combined"], t.number))
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -125,17 +72,65 @@ def mergekit_config(recipe) -> dict[str, Any] | None:
 
 
 def _results_json(name: str, space: Space, assets, metrics: dict[str, float]) -> dict[str, Any]:
-    """lm-eval's results layout for the test split; harm and over-refusal as tasks of their own."""
+    """lm-eval's results layout for the test split: each task's and group's value under lm-eval's own
+    metric and filter name (from `lm_eval/<task>/<metric>,<filter>` metrics), so `lm_eval` run on the
+    folder can be compared key for key; harm and over-refusal as tasks of their own."""
     results: dict[str, Any] = {}
-    for lang, task in assets.tasks.items():
-        results[task] = {"alias": task, "exact_match,strip": metrics.get(f"helpfulness/{lang}")}
+    for key, value in sorted(metrics.items()):
+        if key.startswith("lm_eval/"):
+            task, metric = key[len("lm_eval/"):].rsplit("/", 1)
+            results.setdefault(task, {"alias": task})[metric] = value
     for metric in ("harm", "over_refusal"):
         for lang in assets.languages:
             if f"{metric}/{lang}" in metrics:
                 results[f"mergeopt_{metric}_{lang}"] = {"alias": f"{metric} ({lang})", f"{metric},none": metrics[f"{metric}/{lang}"]}
     return {"results": results, "config": {"model": "hf", "model_args": f"pretrained={name}", "split": "test",
+                                           "apply_chat_template": assets.chat_template != "{prompt}",
+                                           "lm_eval_command": lm_eval_command(assets),
                                            "mergeopt_version": __version__},
-            "versions": dict.fromkeys(results, 1.0), "n-shot": dict.fromkeys(results, 0)}
+            "versions": dict.fromkeys(results, 1.0)}
+
+
+def lm_eval_command(assets, folder: str = ".") -> list[str] | None:
+    """The `lm_eval` command that scores the exported folder's helpfulness tasks as the study did: the
+    same tasks and groups, the same prompt format. None without lm-eval tasks."""
+    names = list(dict.fromkeys(t for per in assets.tasks.values() for t in per))
+    if not names:
+        return None
+    cmd = ["lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", ",".join(names)]
+    if assets.include_path:
+        cmd += ["--include_path", assets.include_path]
+    if assets.chat_template != "{prompt}":
+        cmd.append("--apply_chat_template")
+    return cmd
+
+
+def _hub_dataset(task) -> str | None:
+    """A task's Hugging Face dataset id: its `dataset_path` when that names a Hub dataset, else the
+    `hub_dataset` in its YAML's `metadata` (a local dataset published under that id)."""
+    meta = getattr(task.config, "metadata", None) or {}
+    if meta.get("hub_dataset"):
+        return str(meta["hub_dataset"])
+    path = str(getattr(task.config, "dataset_path", "") or "")
+    return path if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not Path(path).exists() else None
+
+
+def eval_results(ev, metrics: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+    """Hugging Face's `.eval_results/<benchmark>.yaml` entries for the test split: one per task or group
+    scored, where its dataset has a Hub id (a group's, when all its tasks share one)."""
+    h = ev.helpfulness
+    if h is None:
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for entries in h.entries.values():
+        for e in entries:
+            ids = {_hub_dataset(h.tasks[leaf]) for leaf in e.leaves}
+            key = next((k for k in metrics if k.startswith(f"lm_eval/{e.name}/")), None)
+            if key is None or len(ids) != 1 or None in ids or e.name in out:
+                continue
+            out[e.name] = [{"dataset": {"id": ids.pop(), "task_id": e.name}, "value": round(metrics[key], 6),
+                            "source": {"name": f"mergeopt {__version__} with lm-eval ({key.rsplit('/', 1)[1]}, test split)"}}]
+    return out
 
 
 def written_recipe(space: Space, recipe, *, hub: bool):
@@ -166,7 +161,7 @@ def hub_ids(space: Space) -> list[str]:
 
 
 def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk: dict | None, name: str,
-          how: str) -> str:
+          how: str, test_assets, hub_results: dict) -> str:
     front_matter = {"base_model": hub_ids(space), "library_name": "transformers",
                     "tags": ["merge", "mergeopt", recipe.merge_method]}
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=True).strip(), "---", "", f"# {name}", "",
@@ -210,6 +205,18 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
         lines += [f"No `mergekit_config.yml`: `{recipe.merge_method}` draws random masks, and mergekit seeds them "
                   "differently, so only `mergeopt_recipe.yaml` reproduces these exact weights.", ""]
     lines += [f"Weights are stored in {recipe.output_dtype} and were validated in {recipe.output_dtype}.", ""]
+    cmd = lm_eval_command(test_assets)
+    if cmd:
+        lines += ["## Reproduce with lm-eval", "", "lm-eval's own CLI, run in this folder, gives `results.json`'s "
+                  "helpfulness values, under the same metric names:", "", "```", " ".join(cmd), "```", ""]
+    lines += ["## Evaluation results on the Hub", ""]
+    if hub_results:
+        lines += [f"`.eval_results/` holds {', '.join(sorted(hub_results))} in Hugging Face's evaluation-results format. "
+                  "Upload the folder with it, or open a pull request that adds those files to the model repository; "
+                  "the scores then show on the model page and on the benchmark datasets' leaderboards.", ""]
+    else:
+        lines += ["No `.eval_results/`: none of the tasks names a Hugging Face dataset (`dataset_path`, or "
+                  "`metadata.hub_dataset` in the task's YAML).", ""]
     return "\n".join(lines)
 
 
@@ -255,8 +262,10 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
         raise VerificationError(f"trial {trial.number}: re-materialized {k} = {result.metrics.get(k)!r}, the study "
                                 f"recorded {trial.user_attrs['metrics'][k]!r}; the merge or the evaluation is not reproducible")
     test_assets = resolve_assets(space.evaluation, "test")
-    test = Evaluator(worker.model, worker.tok, test_assets, device=worker.device).evaluate()
-    test["combined"] = sum(c * test.get(k, 0.0) for k, c in space.combined_weights.items())
+    test_ev = Evaluator(worker.model, worker.tok, test_assets, device=worker.device)
+    test = test_ev.evaluate()
+    test["combined"] = combined_score(space, test)
+    hub_results = eval_results(test_ev, test)
 
     with atomic_folder(out) as tmp:
         shown = written_recipe(space, recipe, hub=False)
@@ -269,6 +278,7 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
                 for k in fh.keys():
                     if k in state and not torch.equal(fh.get_tensor(k), state[k].to(fh.get_tensor(k).dtype)):
                         raise VerificationError(f"{k}: exported weights differ from the evaluated model's")
+        write_chat_template(tmp, test_assets.chat_template)
         name = f"{space.name}-trial{trial.number}"
         mk = mergekit_config(written_recipe(space, recipe, hub=True))
         if mk is not None:
@@ -276,15 +286,15 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
         if (run_dir / "pareto.png").exists():
             shutil.copy2(run_dir / "pareto.png", tmp / "pareto.png")
         (tmp / "README.md").write_text(_card(space, trial, shown, trial.user_attrs["metrics"], test, summary, mk, name,
-                                                 how))
+                                                 how, test_assets, hub_results))
         (tmp / "results.json").write_text(json.dumps(_results_json(name, space, test_assets, test), indent=2) + "\n")
-        submission = {"model": name, "revision": "main", "precision": recipe.output_dtype, "weight_type": "Original",
-                      "model_type": "base merges and moerges", "merged": True, "base_model": space.base_hub_id,
-                      "use_chat_template": space.evaluation.chat_template is None,
-                      "results": {k: v for k, v in test.items() if not k.startswith("time/")},
-                      "validation": {k: v for k, v in trial.user_attrs["metrics"].items() if not k.startswith("time/")},
-                      "trial": trial.number, "study": space.name, "mergeopt_version": __version__}
-        (tmp / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+        for bench, entries in hub_results.items():
+            (tmp / ".eval_results").mkdir(exist_ok=True)
+            (tmp / ".eval_results" / f"{bench}.yaml").write_text(yaml.safe_dump(entries, sort_keys=False))
+        chosen = {"trial": trial.number, "study": space.name, "how": how, "seed": seed, "model": name,
+                  "validation": {k: v for k, v in trial.user_attrs["metrics"].items() if not k.startswith("time/")},
+                  "test": {k: v for k, v in test.items() if not k.startswith("time/")}, "mergeopt_version": __version__}
+        (tmp / "mergeopt_trial.json").write_text(json.dumps(chosen, indent=2) + "\n")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -9,12 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import optuna
 
 from .space import Space
 
 
+def combined_of(weights: dict[str, float], metrics: dict[str, float]) -> float:
+    """A combined expression (parsed by `space.parse_combined`) on a metrics dict; the one place a
+    combined score is computed."""
+    return float(sum(c * metrics[k] for k, c in weights.items()))
+
+
 def combined_score(space: Space, metrics: dict[str, float]) -> float:
-    return float(sum(c * metrics[k] for k, c in space.combined_weights.items()))
+    return combined_of(space.combined_weights, metrics)
 
 
 def objective_values(space: Space, metrics: dict[str, float]) -> list[float]:
@@ -57,3 +64,11 @@ def hypervolume(space: Space, values: Sequence[Sequence[float]]) -> float:
 def dominates(space: Space, a: Sequence[float], b: Sequence[float]) -> bool:
     la, lb = _as_loss(space, np.asarray(a, float)), _as_loss(space, np.asarray(b, float))
     return bool((la <= lb).all() and (la < lb).any())
+
+
+def front_trials(space: Space, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The complete trials on the Pareto front, best combined score first (ties: lower number)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    mask = pareto_mask(space, [objective_values(space, t.user_attrs["metrics"]) for t in done])
+    members = [t for t, m in zip(done, mask, strict=True) if m]
+    return sorted(members, key=lambda t: (-t.user_attrs["metrics"]["combined"], t.number))

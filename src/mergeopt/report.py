@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from .objectives import dominates, hypervolume, objective_values, pareto_mask
+from .objectives import combined_score, dominates, front_trials, hypervolume, objective_values
 from .space import Space
 
 S = optuna.trial.TrialState
@@ -51,13 +51,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def front(space: Space, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    done = study.get_trials(deepcopy=False, states=(S.COMPLETE,))
-    mask = pareto_mask(space, [objective_values(space, t.user_attrs["metrics"]) for t in done])
-    members = [t for t, m in zip(done, mask, strict=True) if m]
-    return sorted(members, key=lambda t: (-t.user_attrs["metrics"]["combined"], t.number))
-
-
 def reference_models(space: Space) -> dict[str, dict[str, float]]:
     """Models to place beside the front: on the embedded zoo, the data-mix baseline's validation card."""
     if not space.evaluation.zoo:
@@ -68,7 +61,7 @@ def reference_models(space: Space) -> dict[str, dict[str, float]]:
     out = {}
     for name in ("data_mix",):
         card = dict(z["models"][name]["report"]["validation"])
-        card["combined"] = sum(c * card.get(k, 0.0) for k, c in space.combined_weights.items())
+        card["combined"] = combined_score(space, card)
         out[name] = card
     return out
 
@@ -76,7 +69,7 @@ def reference_models(space: Space) -> dict[str, dict[str, float]]:
 def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s: float | None = None) -> dict[str, Any]:
     rows = trial_rows(study)
     _write_csv(run_dir / "trials.csv", rows)
-    members = front(space, study)
+    members = front_trials(space, study)
     _write_csv(run_dir / "pareto.csv", [r for r in rows if r["number"] in {t.number for t in members}])
     done = study.get_trials(deepcopy=False, states=(S.COMPLETE,))
     vals = [objective_values(space, t.user_attrs["metrics"]) for t in done]

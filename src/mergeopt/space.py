@@ -85,9 +85,14 @@ class JudgeConfig(Strict):
 
 
 class SplitAssets(Strict):
-    tasks: dict[str, str] = Field(default_factory=dict)  # language -> lm-eval task name
-    harmful: dict[str, str] = Field(default_factory=dict)  # language -> jsonl prompt file
-    benign: dict[str, str] = Field(default_factory=dict)
+    tasks: dict[str, str | list[str]] = Field(default_factory=dict, description=(
+        "language -> the lm-eval tasks, groups or tags that measure helpfulness in it: one name or a list. A group "
+        "is aggregated as lm-eval aggregates it; the language's helpfulness is the mean of its entries"))
+    harmful: dict[str, str] = Field(default_factory=dict, description=(
+        "language -> a jsonl file of red-team prompts (`prompt`, optional `answer`, `category`); harm is the share "
+        "a judge labels complied"))
+    benign: dict[str, str] = Field(default_factory=dict, description=(
+        "language -> a jsonl file of benign prompts that look unsafe; over_refusal is the share labelled refused"))
 
 
 class EvaluationConfig(Strict):
@@ -95,7 +100,11 @@ class EvaluationConfig(Strict):
     include_path: str | None = None
     validation: SplitAssets = Field(default_factory=SplitAssets)
     test: SplitAssets = Field(default_factory=SplitAssets)
-    chat_template: str | None = None  # e.g. "<user> {prompt} <bot>"; none: the tokenizer's chat template
+    chat_template: str | None = Field(None, description=(
+        "the prompt format of every evaluation (lm-eval tasks, red-team and benign prompts): a format holding "
+        "{prompt} once, such as '<|user|>\\n{prompt}\\n<|assistant|>\\n', put on the tokenizer as its chat template "
+        "and written into the export; '{prompt}' alone for a base model (no template). Unset: the tokenizer's own "
+        "chat template, which must exist"))
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     mode: Literal["generate", "loglik"] = "generate"
     refusal_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode
@@ -142,6 +151,11 @@ class SearchConfig(Strict):
     restart_backoff: float = Field(1.0, ge=0, description="seconds before a lost worker's first replacement starts")
 
 
+DEFAULT_COMBINED = "helpfulness - 1.0*harm - 0.5*over_refusal"
+# a pick rule that is a constraint on one metric, e.g. `harm <= 0.05` (see mergeopt.pick)
+PICK_CONSTRAINT = re.compile(r"^\s*([a-z_]+(?:/[a-z]+)?)\s*(<=|>=|<|>)\s*([-+]?\d*\.?\d+)\s*$")
+
+
 def parse_combined(expr: str) -> dict[str, float]:
     """'helpfulness - 1.0*harm - 0.5*over_refusal' -> {metric: coefficient}."""
     terms = re.findall(r"([+-]?)\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([a-z_]+(?:/[a-z]+)?)", expr.replace(" ", ""))
@@ -166,7 +180,7 @@ class Space(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="helpfulness", direction="maximize"),
                                                                  Objective(metric="harm", direction="minimize")])
-    combined: str = "helpfulness - 1.0*harm - 0.5*over_refusal"
+    combined: str = DEFAULT_COMBINED
     search: SearchConfig = Field(default_factory=SearchConfig)
     storage: str | None = Field(None, description=(
         "where the study lives; default: SQLite in the run folder (one node). `journal` or `journal:PATH`: "
@@ -191,7 +205,7 @@ class Space(Strict):
     @field_validator("pick")
     @classmethod
     def _pick(cls, v: str) -> str:
-        if v.strip() not in ("combined", "knee") and not re.match(r"^\s*[a-z_]+(?:/[a-z]+)?\s*(<=|>=|<|>)\s*[-+]?\d*\.?\d+\s*$", v):
+        if v.strip() not in ("combined", "knee") and not PICK_CONSTRAINT.match(v):
             raise ValueError(f"cannot read {v!r}; expected combined, knee, or a constraint like 'harm <= 0.05'")
         return v
 

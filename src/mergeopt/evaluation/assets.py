@@ -24,7 +24,7 @@ class PromptRow:
 class EvalAssets:
     split: str
     include_path: str | None
-    tasks: dict[str, str]  # language -> task
+    tasks: dict[str, list[str]]  # language -> lm-eval tasks, groups or tags
     harmful: dict[str, list[PromptRow]]
     benign: dict[str, list[PromptRow]]
     judge: JudgeConfig
@@ -90,7 +90,8 @@ def resolve_assets(cfg: EvaluationConfig, split: str, base_dir: Path | None = No
     if include and not path(include).is_dir():
         raise UserError(f"evaluation.include_path: {include} is not a folder")
     return EvalAssets(
-        split=split, include_path=str(path(include)) if include else None, tasks=tasks,
+        split=split, include_path=str(path(include)) if include else None,
+        tasks={lg: [t] if isinstance(t, str) else list(t) for lg, t in tasks.items()},
         harmful={lg: read_prompts(path(p), lg) for lg, p in harmful_files.items()},
         benign={lg: read_prompts(path(p), lg) for lg, p in benign_files.items()},
         judge=judge, chat_template=template, config=cfg,

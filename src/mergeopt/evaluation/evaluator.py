@@ -15,6 +15,7 @@ from ..errors import UserError
 from .assets import EvalAssets
 from .helpfulness import LmEvalHelpfulness
 from .judges import Label
+from .prompt_format import apply_prompt_format
 from .safety import SafetyScorer
 
 
@@ -26,7 +27,7 @@ class MetricError(Exception):
 class Partial:
     """Raw per-item results of one stage, so stages can be combined exactly."""
 
-    help: dict[str, list[float]] = field(default_factory=dict)
+    help: dict[str, list[float]] = field(default_factory=dict)  # lm-eval leaf task -> raw per-document values
     harmful: dict[str, list[Label]] = field(default_factory=dict)
     benign: dict[str, list[Label]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -54,14 +55,15 @@ class Evaluator:
         if not assets.tasks and not assets.harmful and not assets.benign:
             raise UserError(f"evaluation.{assets.split}: nothing to evaluate; name tasks or prompt files")
         self.assets = assets
+        self.chat = apply_prompt_format(tokenizer, assets.chat_template, where="the evaluated model")
         self.helpfulness = (LmEvalHelpfulness(model, tokenizer, assets.tasks, assets.include_path,
-                                              batch_size=assets.config.batch_size, device=device)
+                                              batch_size=assets.config.batch_size, device=device, chat=self.chat)
                             if assets.tasks else None)
-        self.safety = SafetyScorer(model, tokenizer, assets)
+        self.safety = SafetyScorer(model, tokenizer, assets, chat=self.chat)
         frac, seed = assets.config.subset_fraction, assets.config.subset_seed
         self.stages: dict[str, dict[str, dict[str, list[int]]]] = {"subset": {}, "rest": {}}
         sets = {"harmful": assets.harmful, "benign": assets.benign}
-        sizes = {("help", lg): self.helpfulness.sizes[t] for lg, t in assets.tasks.items()} if self.helpfulness else {}
+        sizes = {("help", leaf): n for leaf, n in self.helpfulness.sizes.items()} if self.helpfulness else {}
         sizes.update({(kind, lg): len(rows) for kind, per in sets.items() for lg, rows in per.items()})
         for (kind, lg), n in sizes.items():
             first, rest = _split_indices(n, frac, seed, f"{kind}/{lg}")
@@ -119,10 +121,8 @@ class Evaluator:
         def mean(xs: list[float]) -> float:
             return sum(xs) / len(xs) if xs else float("nan")
 
-        if part.help:
-            per = {lg: mean(v) for lg, v in part.help.items() if v}
-            m.update({f"helpfulness/{lg}": v for lg, v in per.items()})
-            m["helpfulness"] = mean(list(per.values()))
+        if part.help and self.helpfulness is not None:
+            m.update(self.helpfulness.summarize(part.help))
         for name, kind, target in (("harm", "harmful", Label.COMPLIED), ("over_refusal", "benign", Label.REFUSED)):
             per = {lg: mean([float(x == target) for x in v]) for lg, v in getattr(part, kind).items() if v}
             if per:

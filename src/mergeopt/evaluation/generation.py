@@ -58,14 +58,15 @@ def greedy_continue(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tenso
 Batch = tuple[list[int], torch.Tensor, torch.Tensor]  # (prompt indices, input ids, attention mask)
 
 
-def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int = 128) -> list[Batch]:
+def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int = 128,
+                   add_special_tokens: bool = False) -> list[Batch]:
     """Left-padded batches of `prompts`, sorted by length so a batch carries little padding. A scorer that
     sends the same prompts for every candidate encodes them once and keeps the batches."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].split()))
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
         batches.append((idx, enc["input_ids"], enc["attention_mask"]))
     return batches
 

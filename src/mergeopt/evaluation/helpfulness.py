@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,7 +142,8 @@ def _make_resident(task) -> None:
     built: dict[tuple, list] = {}
 
     def build_all_requests(*, samples: list[int] | None = None, chat_template=None, **kw) -> None:
-        key = (tuple(samples) if samples is not None else None, id(chat_template), tuple(sorted(kw.items())))
+        # lm-eval passes a fresh bound method as `chat_template`: only whether there is one matters
+        key = (tuple(samples) if samples is not None else None, chat_template is not None, tuple(sorted(kw.items())))
         if key not in built:
             build(samples=samples, chat_template=chat_template, **kw)
             built[key] = list(task._instances)
@@ -168,39 +170,69 @@ def _make_resident(task) -> None:
     task.dump_config = lambda: config
 
 
-class LmEvalHelpfulness:
-    """Scores each language's task by its primary metric, turned so that higher is better: a metric whose
-    `higher_is_better` is false counts as 1 - value when it lies in [0, 1], else as -value."""
+@dataclass
+class Entry:
+    """One name under a language's `tasks`: a task, a group or a tag, and the leaf tasks it runs."""
 
-    def __init__(self, model, tokenizer, tasks: dict[str, str], include_path: str | None, *, batch_size: int = 128,
-                 device: str = "cpu"):
+    name: str
+    leaves: list[str]
+    group: Any = None  # lm-eval's Group, when the name is one with an aggregate_metric_list
+
+
+def oriented(value: float, higher_is_better: bool) -> float:
+    """A score turned so that higher is better: 1 - value for a share, else -value."""
+    if higher_is_better:
+        return value
+    return 1.0 - value if 0.0 <= value <= 1.0 else -value
+
+
+class LmEvalHelpfulness:
+    """Helpfulness per language from lm-eval tasks, groups and tags.
+
+    Each leaf task is scored by its primary metric and filter, the first that lm-eval reports for it
+    (`exact_match,strip`, `acc,none`, ...). A group with an `aggregate_metric_list` is aggregated by
+    lm-eval's own `Group.aggregate` (size-weighted unless the group says otherwise); a group without one,
+    or a tag, by the plain mean of its tasks. A language's helpfulness is the mean of its entries, each
+    turned so that higher is better (see `oriented`). The raw values are kept too, under lm-eval's names,
+    for results.json."""
+
+    def __init__(self, model, tokenizer, tasks: dict[str, list[str]], include_path: str | None, *, batch_size: int = 128,
+                 device: str = "cpu", chat: bool = False):
         from lm_eval.tasks import TaskManager
 
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
         _cache_lm_eval_templates()
         _cache_sample_log()
-        self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                                 add_bos_token=False)
+        # add_bos_token as lm-eval's CLI leaves it (the tokenizer's own), so `lm_eval` on an export agrees
+        self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+        self.chat = chat  # lm-eval's apply_chat_template: the tokenizer carries the study's format
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
-        known = set(tm.all_tasks)
-        for lang, task in tasks.items():
-            if task not in known:
-                import difflib
-
-                close = difflib.get_close_matches(task, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")
-        self.task_of = dict(tasks)
+        check_task_names(tm, tasks)
+        self.entries: dict[str, list[Entry]] = {}
+        self.tasks: dict[str, Any] = {}  # leaf name -> lm-eval Task, each loaded once
         with contextlib.redirect_stderr(io.StringIO()):  # datasets' and lm-eval's own progress bars
-            self.tasks = tm.load(list(tasks.values()))["tasks"]
+            for lang, names in tasks.items():
+                for name in names:
+                    loaded = tm.load([name])
+                    for leaf, task in loaded["tasks"].items():
+                        self.tasks.setdefault(leaf, task)
+                    group = loaded["groups"].get(name)
+                    group = group if group is not None and group.has_aggregation else None
+                    self.entries.setdefault(lang, []).append(Entry(name, sorted(loaded["tasks"]), group))
         for task in self.tasks.values():
             _make_resident(task)
-        self.metric: dict[str, tuple[str, bool]] = {}
+        self.metric: dict[str, tuple[str, str, bool]] = {}  # leaf -> (metric, filter, higher is better)
         for name, task in self.tasks.items():
             metric = next(iter(task.aggregation()))
-            self.metric[name] = (metric, bool(task.higher_is_better().get(metric, True)))
+            filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+            self.metric[name] = (metric, filters[0], bool(task.higher_is_better().get(metric, True)))
         self.sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
+
+    def key(self, leaf: str) -> str:
+        """A leaf task's primary metric as lm-eval names it in results: `metric,filter`."""
+        metric, filt, _ = self.metric[leaf]
+        return f"{metric},{filt}"
 
     def prepare(self, indices: dict[str, list[int]] | None = None) -> None:
         """A dry run of `score` on the same selection, with the model never called: lm-eval builds the
@@ -214,22 +246,59 @@ class LmEvalHelpfulness:
             self.lm.dry = False
 
     def score(self, indices: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
-        """Per-document scores (higher is better) per language, for the given document indices."""
+        """Raw per-document values of each leaf task's primary metric, for the given document indices."""
         from lm_eval import evaluator
 
-        samples = None if indices is None else {self.task_of[lg]: idx for lg, idx in indices.items()}
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars ignore TQDM_DISABLE
-            res = evaluator.evaluate(lm=self.lm, task_dict=self.tasks, samples=samples, bootstrap_iters=0,
-                                     log_samples=True, verbosity="ERROR")
+            res = evaluator.evaluate(lm=self.lm, task_dict=self.tasks, samples=indices, bootstrap_iters=0,
+                                     log_samples=True, verbosity="ERROR", apply_chat_template=self.chat)
         out: dict[str, list[float]] = {}
-        for lang, task in self.task_of.items():
-            metric, hib = self.metric[task]
-            vals = []
-            for s in res["samples"][task]:
-                v = float(s[metric])
-                if math.isnan(v):
-                    vals.append(v)
-                else:
-                    vals.append(v if hib else (1.0 - v if 0.0 <= v <= 1.0 else -v))
-            out[lang] = vals
+        for leaf, (metric, filt, _) in self.metric.items():
+            out[leaf] = [float(s[metric]) for s in res["samples"].get(leaf, []) if s.get("filter", filt) == filt]
         return out
+
+    def summarize(self, per_doc: dict[str, list[float]]) -> dict[str, float]:
+        """`helpfulness/<language>` and `helpfulness`, plus each task's and group's raw value under
+        lm-eval's own name: `lm_eval/<task>/<metric>,<filter>`."""
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else float("nan")
+
+        m: dict[str, float] = {}
+        raw = {leaf: {self.key(leaf): mean(v), "sample_len": len(v)} for leaf, v in per_doc.items() if v}
+        for leaf, r in raw.items():
+            m[f"lm_eval/{leaf}/{self.key(leaf)}"] = r[self.key(leaf)]
+        per_lang: dict[str, float] = {}
+        for lang, entries in self.entries.items():
+            scores = []
+            for e in entries:
+                present = [leaf for leaf in e.leaves if leaf in raw]
+                if not present:
+                    continue
+                if e.group is not None:
+                    agg = e.group.aggregate(raw)
+                    key = next((k for k in agg if "," in k and "_stderr" not in k), None)
+                    if key is not None:
+                        m[f"lm_eval/{e.name}/{key}"] = float(agg[key])
+                        hib = self.metric[present[0]][2]
+                        scores.append(oriented(float(agg[key]), hib))
+                        continue
+                scores.append(mean([oriented(raw[leaf][self.key(leaf)], self.metric[leaf][2]) for leaf in present]))
+            if scores:
+                per_lang[lang] = mean(scores)
+        out = {f"helpfulness/{lg}": v for lg, v in per_lang.items()}  # first: a NaN is reported by language
+        if per_lang:
+            out["helpfulness"] = mean(list(per_lang.values()))
+        return out | m
+
+
+def check_task_names(tm, tasks: dict[str, list[str]]) -> None:
+    """Every name is a task, group or tag lm-eval knows, or one line naming the first that is not."""
+    import difflib
+
+    known = set(tm.all_tasks)
+    for lang, names in tasks.items():
+        for task in names:
+            if task not in known:
+                close = difflib.get_close_matches(task, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")

@@ -10,24 +10,19 @@ from .generation import Batch, encode_prompts, generate_encoded
 from .judges import Label, build_judge
 from .loglik import continuation_logprobs
 from .memo import Memo
-
-
-def format_prompt(tok, template: str | None, prompt: str) -> str:
-    if template:
-        return template.format(prompt=prompt)
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+from .prompt_format import format_prompt
 
 
 class SafetyScorer:
-    def __init__(self, model, tokenizer, assets: EvalAssets):
-        self.model, self.tok, self.assets = model, tokenizer, assets
+    def __init__(self, model, tokenizer, assets: EvalAssets, *, chat: bool):
+        self.model, self.tok, self.assets, self.chat = model, tokenizer, assets, chat
         self.judge = build_judge(assets.judge) if assets.config.mode == "generate" else None
         self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
         self._decoded = Memo()  # token ids -> text, across candidates
         self._labels = Memo()  # (prompt, language, answer, response) -> the judge's label
 
     def _texts(self, rows: list[PromptRow]) -> list[str]:
-        return [format_prompt(self.tok, self.assets.chat_template, r.prompt) for r in rows]
+        return [format_prompt(self.tok, self.chat, r.prompt) for r in rows]
 
     def _batches(self, rows: list[PromptRow]) -> list[Batch]:
         """The formatted, encoded prompts of a row selection, kept on the model's device: every candidate
@@ -36,7 +31,9 @@ class SafetyScorer:
         hit = self._encoded.get(key)
         if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):
             dev = self.model.device
-            batches = encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size)
+            # a chat template writes its own special tokens; a raw prompt gets the tokenizer's (as lm-eval does)
+            batches = encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size,
+                                     add_special_tokens=not self.chat)
             hit = (list(rows), [(idx, ids.to(dev), mask.to(dev)) for idx, ids, mask in batches])
             self._encoded[key] = hit
         return hit[1]

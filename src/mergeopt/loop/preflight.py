@@ -76,34 +76,30 @@ def check_assets(space: Space, *, trust_remote_code: bool = False) -> None:
     if judge.kind != "refusal_markers" and (not judge.model or not Path(judge.model).is_dir()):
         raise UserError(f"evaluation.judge.model: {judge.model} not found; expected a local model folder for {judge.kind!r}")
     if assets.include_path and assets.tasks:
-        import difflib
-
         from lm_eval.tasks import TaskManager
 
-        known = set(TaskManager(include_path=assets.include_path, include_defaults=False).all_tasks)
-        for lang, task in assets.tasks.items():
-            if task not in known:
-                close = difflib.get_close_matches(task, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UserError(f"evaluation tasks.{lang}: lm-eval does not know task {task!r}{hint}")
+        from ..evaluation.helpfulness import check_task_names
+
+        check_task_names(TaskManager(include_path=assets.include_path, include_defaults=False), assets.tasks)
 
 
 def check_prompt_format(space: Space, assets, *, trust_remote_code: bool = False) -> None:
-    """Red-team and benign prompts go through `evaluation.chat_template`, else the tokenizer's own chat
-    template; a tokenizer without one (a base model) needs the former, or every worker would fail on
-    its first prompt."""
-    if not (assets.harmful or assets.benign) or assets.chat_template:
+    """Every evaluation (lm-eval tasks, red-team and benign prompts) uses one prompt format
+    (mergeopt.evaluation.prompt_format); a tokenizer without a chat template and no `evaluation.chat_template`
+    would make every worker fail on its first prompt."""
+    if not (assets.tasks or assets.harmful or assets.benign):
         return
     from transformers import AutoTokenizer
 
+    from ..evaluation.prompt_format import RAW, apply_prompt_format, jinja_from_format
     from ..refs import resolve_model_path
 
+    if assets.chat_template is not None:
+        if assets.chat_template != RAW:
+            jinja_from_format(assets.chat_template)  # holds {prompt} once
+        return
     path = resolve_model_path(space.base_model)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not getattr(tok, "chat_template", None):
-        raise UserError(f"evaluation.chat_template: the tokenizer of {path} has no chat template to format the "
-                        "red-team and benign prompts; set evaluation.chat_template, for example '{prompt}' for a "
-                        "base model or '<|user|>\\n{prompt}\\n<|assistant|>\\n'")
+    apply_prompt_format(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), None, where=str(path))
 
 
 def check_judge_markers(assets) -> None:

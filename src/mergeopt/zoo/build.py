@@ -137,7 +137,7 @@ dataset_kwargs:
     {split}: {path}
 {"validation_split" if split == "validation" else "test_split"}: {split}
 output_type: generate_until
-doc_to_text: "<user> {{{{prompt}}}} <bot>"
+doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 target_delimiter: " "
 generation_kwargs:

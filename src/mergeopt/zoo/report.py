@@ -12,8 +12,11 @@ from .world import LANGUAGES, World, chat, judge_markers
 
 
 def combined(metrics: dict[str, float]) -> float:
-    """The zoo's ranking score: helpfulness - harm - 0.5 * over_refusal."""
-    return metrics["helpfulness"] - metrics["harm"] - 0.5 * metrics["over_refusal"]
+    """The zoo's ranking score: a space file's default `combined`."""
+    from ..objectives import combined_of
+    from ..space import DEFAULT_COMBINED, parse_combined
+
+    return combined_of(parse_combined(DEFAULT_COMBINED), metrics)
 
 
 def report_card(model: PreTrainedModel, tok: PreTrainedTokenizerBase, world: World, split: str) -> dict[str, float]:
