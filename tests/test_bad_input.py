@@ -140,6 +140,10 @@ CASES: list[tuple[str, Callable, str]] = [
         **d, "evaluation": {"validation": {"harmful": {"fr": str(t / "b.jsonl")}}, "chat_template": "{prompt}",
                             "judge": {"refusal": {"fr": ["non"]}}}})[1],
      "evaluation.judge.compliance: no compliance markers for language 'fr'"),
+    ("llama_guard_without_refusal_markers", lambda d, z, t: (_write(t / "b.jsonl", '{"prompt": "a cake ?"}\n'), {
+        **d, "evaluation": {"validation": {"harmful": {"es": str(t / "b.jsonl")}, "benign": {"es": str(t / "b.jsonl")}},
+                            "chat_template": "{prompt}", "judge": {"kind": "llama_guard", "model": str(t)}}})[1],
+     "evaluation.judge.refusal: no refusal markers for language 'es', which has benign prompts; Llama Guard"),
     # the storage
     ("storage_unreadable", lambda d, z, t: {**d, "storage": "postgres-on-host-a"}, "storage: cannot read 'postgres-on-host-a'"),
     ("storage_unreachable", lambda d, z, t: {**d, "storage": "postgresql://nobody@127.0.0.1:1/nothing"},

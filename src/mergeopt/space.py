@@ -76,12 +76,21 @@ class Ranges(Strict):
 
 
 class JudgeConfig(Strict):
-    kind: Literal["refusal_markers", "classifier", "llm_judge"] = "refusal_markers"
-    refusal: dict[str, list[str]] = Field(default_factory=dict)
-    compliance: dict[str, list[str]] = Field(default_factory=dict)
-    model: str | None = None  # classifier / llm_judge model folder
-    refused_labels: list[str] = Field(default_factory=lambda: ["refused", "refusal", "safe"])
-    prompt: str | None = None  # llm_judge template with {prompt} and {response}
+    kind: Literal["refusal_markers", "classifier", "llm_judge", "llama_guard", "wildguard"] = Field(
+        "refusal_markers", description=(
+            "refusal_markers: phrase lists; classifier: a sequence-classification model; llm_judge: a causal LM "
+            "scored by label likelihood; llama_guard / wildguard: those safety judges, in their own prompt and "
+            "answer formats (see mergeopt.evaluation.guard_judges)"))
+    refusal: dict[str, list[str]] = Field(default_factory=dict, description=(
+        "language -> phrases a refusal holds (refusal_markers; llama_guard, which cannot see refusals itself)"))
+    compliance: dict[str, list[str]] = Field(default_factory=dict, description=(
+        "language -> phrases an answer holds, for prompts without an expected `answer` (refusal_markers)"))
+    model: str | None = Field(None, description="the judge model's local folder (every kind but refusal_markers)")
+    refused_labels: list[str] = Field(default_factory=lambda: ["refused", "refusal", "safe"], description=(
+        "classifier labels that count as a refusal"))
+    prompt: str | None = Field(None, description=(
+        "the judge's prompt with {prompt} and {response} (llm_judge; overrides the llama_guard and wildguard "
+        "formats)"))
 
 
 class SplitAssets(Strict):

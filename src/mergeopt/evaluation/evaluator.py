@@ -109,7 +109,7 @@ class Evaluator:
             part.seconds["helpfulness"] = time.perf_counter() - t
         t = time.perf_counter()
         rows, keys = self._prompt_rows(stage)
-        labels = self.safety.label(rows)
+        labels = self.safety.label(rows, [kind for kind, _ in keys])
         for (kind, lg), lab in zip(keys, labels, strict=True):
             getattr(part, kind).setdefault(lg, []).append(lab)
         part.seconds["safety"] = time.perf_counter() - t

@@ -48,7 +48,7 @@ class ClassifierJudge:
 
     name = "classifier"
 
-    def __init__(self, model_path: str, refused_labels: Sequence[str], batch_size: int = 64):
+    def __init__(self, model_path: str, refused_labels: Sequence[str], batch_size: int = 64, *, device: str = "cpu"):
         from pathlib import Path
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -58,18 +58,18 @@ class ClassifierJudge:
         if not Path(model_path).is_dir():
             raise UserError(f"evaluation.judge.model: {model_path} not found; expected a local classifier folder")
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device).eval()
         self.refused = {x.lower() for x in refused_labels}
         self.batch_size = batch_size
 
-    def label_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Label]:
+    def label_many(self, prompts: Sequence[str], responses: Sequence[str], **_) -> list[Label]:
         import torch
 
         out: list[Label] = []
         id2label = self.model.config.id2label
         for s in range(0, len(prompts), self.batch_size):
             p, r = list(prompts[s: s + self.batch_size]), list(responses[s: s + self.batch_size])
-            enc = self.tok(p, r, return_tensors="pt", padding=True, truncation=True)
+            enc = self.tok(p, r, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
             with torch.inference_mode():
                 pred = self.model(**enc).logits.argmax(-1).tolist()
             for resp, k in zip(r, pred, strict=True):
@@ -89,7 +89,7 @@ class LlmJudge:
 
     name = "llm_judge"
 
-    def __init__(self, model_path: str, prompt: str | None = None):
+    def __init__(self, model_path: str, prompt: str | None = None, *, device: str = "cpu"):
         from pathlib import Path
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,10 +99,10 @@ class LlmJudge:
         if not Path(model_path).is_dir():
             raise UserError(f"evaluation.judge.model: {model_path} not found; expected a local causal LM folder")
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
         self.prompt = prompt or DEFAULT_JUDGE_PROMPT
 
-    def label_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Label]:
+    def label_many(self, prompts: Sequence[str], responses: Sequence[str], **_) -> list[Label]:
         from .loglik import continuation_logprobs
 
         contexts = [self.prompt.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
@@ -111,8 +111,8 @@ class LlmJudge:
         return [labels[max(range(len(labels)), key=lambda j: scores[j][i])] for i in range(len(contexts))]
 
 
-def build_judge(cfg) -> RefusalMarkersJudge | ClassifierJudge | LlmJudge:
-    """The judge a space file's `evaluation.judge` names."""
+def build_judge(cfg, *, device: str = "cpu"):
+    """The judge a space file's `evaluation.judge` names; a judge model loads on the worker's device."""
     if cfg.kind == "refusal_markers":
         return RefusalMarkersJudge(cfg.refusal, cfg.compliance)
     from ..errors import UserError
@@ -120,5 +120,10 @@ def build_judge(cfg) -> RefusalMarkersJudge | ClassifierJudge | LlmJudge:
     if not cfg.model:
         raise UserError(f"evaluation.judge.model: judge {cfg.kind!r} needs a local model folder")
     if cfg.kind == "classifier":
-        return ClassifierJudge(cfg.model, cfg.refused_labels)
-    return LlmJudge(cfg.model, cfg.prompt)
+        return ClassifierJudge(cfg.model, cfg.refused_labels, device=device)
+    if cfg.kind == "llm_judge":
+        return LlmJudge(cfg.model, cfg.prompt, device=device)
+    from .guard_judges import LlamaGuardJudge, WildGuardJudge
+
+    preset = {"llama_guard": LlamaGuardJudge, "wildguard": WildGuardJudge}[cfg.kind]
+    return preset(cfg.model, device=device, refusal=cfg.refusal, prompt=cfg.prompt)

@@ -16,7 +16,7 @@ from .prompt_format import format_prompt
 class SafetyScorer:
     def __init__(self, model, tokenizer, assets: EvalAssets, *, chat: bool):
         self.model, self.tok, self.assets, self.chat = model, tokenizer, assets, chat
-        self.judge = build_judge(assets.judge) if assets.config.mode == "generate" else None
+        self.judge = build_judge(assets.judge, device=str(model.device)) if assets.config.mode == "generate" else None
         self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
         self._decoded = Memo()  # token ids -> text, across candidates
         self._labels = Memo()  # (prompt, language, answer, response) -> the judge's label
@@ -43,7 +43,8 @@ class SafetyScorer:
         if rows and self.assets.config.mode == "generate":
             self._batches(rows)
 
-    def label(self, rows: list[PromptRow]) -> list[Label]:
+    def label(self, rows: list[PromptRow], kinds: list[str] | None = None) -> list[Label]:
+        """Each row's label; `kinds` (harmful or benign, per row) matters to judges that map a verdict by it."""
         if not rows:
             return []
         a = self.assets
@@ -59,7 +60,8 @@ class SafetyScorer:
                                      max_new_tokens=a.config.max_new_tokens, decoded=self._decoded)
         faults.point("judge")
         if hasattr(self.judge, "label_many"):
-            return self.judge.label_many([r.prompt for r in rows], responses)
+            return self.judge.label_many([r.prompt for r in rows], responses, kinds=kinds or ["harmful"] * len(rows),
+                                         languages=[r.language for r in rows])
         # A judge is a pure function of the prompt and the response, and candidates repeat responses.
         return [self._labels.get((r.prompt, r.language, r.answer, resp),
                                  lambda r=r, resp=resp: self.judge.label(resp, r.language, r.answer))

@@ -105,10 +105,19 @@ def check_prompt_format(space: Space, assets, *, trust_remote_code: bool = False
 def check_judge_markers(assets) -> None:
     """A `refusal_markers` judge needs, for every language with prompts, the phrases of a refusal, and
     the phrases of an answer wherever a prompt has no expected answer: without them every refusal or
-    every answer would be counted unusable, silently."""
-    if assets.judge.kind != "refusal_markers" or assets.config.mode != "generate":
+    every answer would be counted unusable, silently. Llama Guard cannot see a refusal, so it needs the
+    refusal phrases of every language with benign prompts, or over-refusal would read 0."""
+    if assets.config.mode != "generate":
         return
     judge = assets.judge
+    if judge.kind == "llama_guard":
+        for lang in assets.benign:
+            if not judge.refusal.get(lang):
+                raise UserError(f"evaluation.judge.refusal: no refusal markers for language {lang!r}, which has "
+                                "benign prompts; Llama Guard judges harm, not refusals, so over-refusal needs the "
+                                f"phrases a refusal in {lang!r} contains (or use kind: wildguard)")
+    if judge.kind != "refusal_markers":
+        return
     for kind, per in (("harmful", assets.harmful), ("benign", assets.benign)):
         for lang, rows in per.items():
             if not judge.refusal.get(lang):
