@@ -8,7 +8,11 @@ and the mean and L2 norm of the merged delta.
 mergekit is LGPL and optional: install it in its own environment and point MERGEKIT_YAML at its
 `mergekit-yaml`, or have it on PATH.
 
-    MERGEKIT_YAML=/path/to/mergekit-yaml python bench/mergekit_parity.py [--json runs/bench/mergekit_parity.json]
+    MERGEKIT_YAML=/path/to/mergekit-yaml python bench/mergekit_parity.py [--size test] [--json runs/bench/mergekit_parity.json]
+
+Exported configs: a short study on the zoo, every front member exported (`export --all-front`), and each
+export's `mergekit_config.yml` run by `mergekit-yaml` exactly as written, from another folder; the result
+must match the export's own weights (max |diff| <= 1e-6 on float32 zoo checkpoints).
 """
 
 from __future__ import annotations
@@ -65,9 +69,57 @@ def run_both(cfg: dict, work: Path, mergekit: str) -> tuple[dict, dict]:
     return load_file(mk / "model.safetensors"), load_file(mo / "model.safetensors")
 
 
+def exported(size: str, work: Path, mergekit: str) -> list[dict]:
+    """The exported mergekit_config.yml of every front member of a short study, run as written."""
+    from mergeopt.space import SPACES_DIR
+
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    prefix = "zoo:" if size == "default" else f"zoo-{size}:"
+    data.update(name="mk_export", base_model=f"{prefix}base", methods=["ties", "task_arithmetic"])
+    for m in data["models"]:
+        m["path"] = m["path"].replace("zoo:", prefix)
+    data["evaluation"]["zoo"] = size
+    data["search"].update(n_trials=10, workers=1)
+    space = work / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    cli = [sys.executable, "-m", "mergeopt.cli"]
+    subprocess.run([*cli, "optimize", "--space", str(space), "--run-dir", str(work / "run"), "--backend", "inline",
+                    "--no-export", "--quiet"], check=True, capture_output=True)
+    subprocess.run([*cli, "export", str(work / "run"), "--all-front", "--out", str(work / "front")], check=True,
+                   capture_output=True)
+    import optuna
+
+    study = optuna.load_study(study_name="mk_export", storage=f"sqlite:///{work / 'run' / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for method in ("ties", "task_arithmetic"):  # each method at least once, on the front or not
+        picked = max((t for t in done if t.params.get("method") == method),
+                     key=lambda t: t.user_attrs["metrics"]["combined"], default=None)
+        if picked is not None and not (work / "front" / f"trial-{picked.number}").exists():
+            subprocess.run([*cli, "export", str(work / "run"), "--trial", str(picked.number), "--out",
+                            str(work / "front" / f"trial-{picked.number}")], check=True, capture_output=True)
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    rows = []
+    for folder in sorted((work / "front").iterdir()):
+        cfg = folder / "mergekit_config.yml"
+        if not cfg.exists():
+            continue
+        out = elsewhere / folder.name
+        subprocess.run([mergekit, str(cfg), str(out)], check=True, capture_output=True, cwd=elsewhere)
+        a, b = load_file(out / "model.safetensors"), load_file(folder / "model.safetensors")
+        assert set(a) == set(b), (folder.name, set(a) ^ set(b))
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        method = yaml.safe_load(cfg.read_text())["merge_method"]
+        rows.append({"export": folder.name, "method": method, "max_abs_diff": diff, "pass": diff <= 1e-6})
+        print(f"{folder.name:>16} ({method}): mergekit-yaml on the exported config, max |diff| = {diff:.2e}  "
+              f"({'ok' if diff <= 1e-6 else 'ABOVE 1e-6'})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="runs/bench/mergekit_parity.json")
+    ap.add_argument("--size", default="default", choices=["default", "test"], help="the zoo to merge")
     args = ap.parse_args()
     quiet_libraries()
     exe = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
@@ -76,7 +128,7 @@ def main() -> None:
         return
     from mergeopt.zoo import build_zoo
 
-    zoo = build_zoo("default", seed=0)
+    zoo = build_zoo(args.size, seed=0)
     base = load_file(zoo / "models" / "base" / "model.safetensors")
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -100,6 +152,8 @@ def main() -> None:
             print(f"{method:>16}: entries changed {stats['mergekit']['changed_share']:.3f} vs {stats['mergeopt']['changed_share']:.3f}, "
                   f"mean {stats['mergekit']['mean']:+.2e} vs {stats['mergeopt']['mean']:+.2e}, "
                   f"norm {stats['mergekit']['norm']:.4f} vs {stats['mergeopt']['norm']:.4f} ({rel:.1%} apart)")
+        (work / "export").mkdir()
+        rows += exported(args.size, work / "export", exe)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

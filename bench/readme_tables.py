@@ -39,7 +39,10 @@ def mergekit_parity(d: list) -> str:
     lines = ["| method | max \\|diff\\| (target ≤ 1e-6) | share changed (mergekit / mergeopt) | norm (mergekit / mergeopt) |",
              "|---|---|---|---|"]
     for r in d:
-        if "max_abs_diff" in r:
+        if "export" in r:
+            lines.append(f"| {r['method']}, exported `{r['export']}`'s mergekit_config.yml as written | "
+                         f"{r['max_abs_diff']:.1e} | - | - |")
+        elif "max_abs_diff" in r:
             lines.append(f"| {r['method']} | {r['max_abs_diff']:.1e} | - | - |")
         else:
             lines.append(f"| {r['method']} | random: by statistics | {r['mergekit_changed_share']:.3f} / "

@@ -27,6 +27,7 @@ from .atomic import atomic_folder
 from .errors import UserError
 from .evaluation.prompt_format import write_chat_template
 from .methods import get_method
+from .methods.task_arithmetic import RANKED_METHODS
 from .objectives import combined_score
 from .pick import pick
 from .space import Space
@@ -184,8 +185,15 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
     lines += ["", "Effective weight = weight × language coefficient × objective coefficient.", "",
               "## Metrics", "", "Validation drove the search; the test split was evaluated once, for this card, so the gap "
               "between the two columns shows the selection bias.", "", "| metric | validation | test |", "|---|---|---|"]
-    for k in sorted(k for k in val if not k.startswith("time/")):
+    for k in sorted(k for k in val if not k.startswith(("time/", "lm_eval/"))):
         lines.append(f"| {k} | {val[k]:.4f} | {test.get(k, float('nan')):.4f} |")
+    bench = sorted(k for k in test if k.startswith("lm_eval/"))
+    if bench:
+        lines += ["", "Helpfulness benchmarks on the test split, under lm-eval's task and metric names (raw values, "
+                  "as `results.json` holds them):", "", "| task | metric | test |", "|---|---|---|"]
+        for k in bench:
+            task, metric = k[len("lm_eval/"):].rsplit("/", 1)
+            lines.append(f"| {task} | {metric} | {test[k]:.4f} |")
     t = summary["trials"]
     lines += ["", "## Search", "", f"- sampler: `{space.search.sampler}`, seed {space.search.seed}",
               f"- trials: {t.get('complete', 0)} complete, {t.get('pruned', 0)} pruned, {t.get('fail', 0)} failed",
@@ -200,7 +208,10 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
               "bit for bit with `mergeopt merge mergeopt_recipe.yaml --out DIR`:", "", "```yaml", recipe.to_yaml().strip(), "```", ""]
     if mk is not None:
         lines += ["`mergekit_config.yml` gives the same weights with `mergekit-yaml mergekit_config.yml DIR` "
-                  "(up to float rounding).", ""]
+                  "(up to float rounding)"
+                  + (". Where task-vector magnitudes tie at the trim threshold, mergeopt keeps every tied entry "
+                     "and mergekit exactly k, so a few entries can differ; `mergeopt_recipe.yaml` is exact."
+                     if recipe.merge_method in RANKED_METHODS else "."), ""]
     else:
         lines += [f"No `mergekit_config.yml`: `{recipe.merge_method}` draws random masks, and mergekit seeds them "
                   "differently, so only `mergeopt_recipe.yaml` reproduces these exact weights.", ""]

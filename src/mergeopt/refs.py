@@ -1,4 +1,4 @@
-"""Model references: the one place that knows what `zoo:NAME` means.
+"""Model references: the one place in the core that reaches the embedded zoo (`zoo:NAME`, `evaluation.zoo`).
 
 A space file, a recipe or the command line names a model by a local folder (absolute, or relative to
 the file that names it) or by `zoo:NAME` / `zoo-test:NAME`, a model of the embedded zoo (a plug-in of
@@ -24,15 +24,27 @@ def resolve_model_path(ref: str) -> Path:
     """The folder a reference names; a zoo reference builds its zoo when missing."""
     m = _ZOO.fullmatch(ref)
     if m:
-        from .zoo import build_zoo, load_zoo
+        from .zoo.plugin import model_folder
 
-        root = build_zoo(m.group(1) or "default", seed=0)
-        name = m.group(2)
-        models = load_zoo(root)["models"]
-        if name not in models:
-            raise UserError(f"{ref}: no such zoo model; expected one of {sorted(models)}")
-        return root / models[name]["path"]
+        try:
+            return model_folder(m.group(1) or "default", m.group(2))
+        except UserError as e:
+            raise UserError(f"{ref}: {e}") from None
     return Path(ref).expanduser()
+
+
+def zoo_evaluation(size: str, split: str) -> dict:
+    """The embedded zoo's evaluation assets for `evaluation.zoo` (see mergeopt.zoo.plugin)."""
+    from .zoo.plugin import evaluation
+
+    return evaluation(size, split)
+
+
+def zoo_reference_cards(size: str) -> dict[str, dict[str, float]]:
+    """The embedded zoo's reference models' validation cards, to place beside a front."""
+    from .zoo.plugin import reference_cards
+
+    return reference_cards(size)
 
 
 def anchor(ref: str | None, folder: Path) -> str | None:

@@ -55,15 +55,10 @@ def reference_models(space: Space) -> dict[str, dict[str, float]]:
     """Models to place beside the front: on the embedded zoo, the data-mix baseline's validation card."""
     if not space.evaluation.zoo:
         return {}
-    from .zoo import build_zoo, load_zoo
+    from .refs import zoo_reference_cards
 
-    z = load_zoo(build_zoo(space.evaluation.zoo, seed=0))
-    out = {}
-    for name in ("data_mix",):
-        card = dict(z["models"][name]["report"]["validation"])
-        card["combined"] = combined_score(space, card)
-        out[name] = card
-    return out
+    cards = zoo_reference_cards(space.evaluation.zoo)
+    return {name: {**card, "combined": combined_score(space, card)} for name, card in cards.items()}
 
 
 def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s: float | None = None) -> dict[str, Any]:

@@ -67,21 +67,18 @@ def resolve_assets(cfg: EvaluationConfig, split: str, base_dir: Path | None = No
     template = cfg.chat_template
     refusal_cont, compliance_cont = dict(cfg.refusal_continuation), dict(cfg.compliance_continuation)
     if cfg.zoo:
-        from ..zoo import build_zoo, load_zoo
-        from ..zoo.world import LEXICONS, judge_markers
+        from ..refs import zoo_evaluation
 
-        root = build_zoo(cfg.zoo, seed=0)
-        z = load_zoo(root)["eval"]
-        include = include or str(root / z["include_path"])
-        tasks = tasks or z["tasks"][split]
-        harmful_files = harmful_files or {lg: str(root / p) for lg, p in z["prompts"][split]["harmful"].items()}
-        benign_files = benign_files or {lg: str(root / p) for lg, p in z["prompts"][split]["benign"].items()}
-        refusal, compliance = judge_markers()
-        judge.refusal = judge.refusal or refusal
-        judge.compliance = judge.compliance or compliance
+        z = zoo_evaluation(cfg.zoo, split)
+        include = include or z["include_path"]
+        tasks = tasks or z["tasks"]
+        harmful_files = harmful_files or z["harmful"]
+        benign_files = benign_files or z["benign"]
+        judge.refusal = judge.refusal or z["refusal"]
+        judge.compliance = judge.compliance or z["compliance"]
         template = template or z["chat_template"]
-        refusal_cont = refusal_cont or {lg: lx.refusal for lg, lx in LEXICONS.items()}
-        compliance_cont = compliance_cont or {lg: lx.compliance.replace("{ing}", "{answer}") for lg, lx in LEXICONS.items()}
+        refusal_cont = refusal_cont or z["refusal_continuation"]
+        compliance_cont = compliance_cont or z["compliance_continuation"]
 
     def path(p: str) -> Path:
         q = Path(p)
