@@ -25,7 +25,7 @@ from safetensors import safe_open
 from . import __version__
 from .atomic import atomic_folder
 from .errors import UserError
-from .evaluation.prompt_format import write_chat_template
+from .evaluation.prompt_format import RAW, write_chat_template
 from .methods import get_method
 from .methods.task_arithmetic import RANKED_METHODS
 from .objectives import combined_score
@@ -86,7 +86,7 @@ def _results_json(name: str, space: Space, assets, metrics: dict[str, float]) ->
             if f"{metric}/{lang}" in metrics:
                 results[f"mergeopt_{metric}_{lang}"] = {"alias": f"{metric} ({lang})", f"{metric},none": metrics[f"{metric}/{lang}"]}
     return {"results": results, "config": {"model": "hf", "model_args": f"pretrained={name}", "split": "test",
-                                           "apply_chat_template": assets.chat_template != "{prompt}",
+                                           "apply_chat_template": assets.chat_template != RAW,
                                            "lm_eval_command": lm_eval_command(assets),
                                            "mergeopt_version": __version__},
             "versions": dict.fromkeys(results, 1.0)}
@@ -101,7 +101,7 @@ def lm_eval_command(assets, folder: str = ".") -> list[str] | None:
     cmd = ["lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", ",".join(names)]
     if assets.include_path:
         cmd += ["--include_path", assets.include_path]
-    if assets.chat_template != "{prompt}":
+    if assets.chat_template != RAW:
         cmd.append("--apply_chat_template")
     return cmd
 

@@ -69,8 +69,7 @@ def write_chat_template(folder: Path, chat_template: str | None) -> None:
     format (the tokenizer's own template was copied) or for raw prompts."""
     if chat_template is None or chat_template == RAW:
         return
-    for name in ("chat_template.json",):
-        (folder / name).unlink(missing_ok=True)
+    (folder / "chat_template.json").unlink(missing_ok=True)  # an older form of the template, which would compete
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
