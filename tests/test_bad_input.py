@@ -120,7 +120,7 @@ CASES: list[tuple[str, Callable, str]] = [
      "lm-eval does not know task 'zoo_help_en_valid'"),
     ("judge_missing", lambda d, z, t: (_set("evaluation.judge", {"kind": "classifier", "model": str(t / "nojudge")})(d), d)[1],
      "evaluation.judge.model"),
-    ("too_many_workers", lambda d, z, t: (_set("search.workers", 500)(d), d)[1], "500 worker(s) need about"),
+    ("too_many_workers", lambda d, z, t: (_set("search.workers", 500)(d), d)[1], "500 worker(s): this node's host memory needs"),
     # the prompt format and the judge
     ("no_chat_template", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
         **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "judge": {"refusal": {"en": ["no"]}}}})[1],

@@ -159,5 +159,5 @@ def test_memory_guard_refuses_too_many_workers(test_zoo: Path, tmp_path: Path):
     r = _optimize(space, tmp_path / "run")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert "400 worker(s) need about" in lines[0] and "use --workers" in lines[0]
+    assert "400 worker(s): this node's host memory needs" in lines[0] and "use --workers" in lines[0]
     assert not (tmp_path / "run").exists()

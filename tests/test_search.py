@@ -171,21 +171,6 @@ def test_schema_is_json_schema():
     assert schema["type"] == "object" and {"name", "base_model", "models"} <= set(schema["properties"])
 
 
-def test_memory_plan_counts_ties_ranks_per_worker(test_zoo: Path, tmp_path: Path):
-    """A space that searches TIES keeps every task vector's sorted magnitudes in each worker (4 bytes per
-    parameter and expert); the pre-flight memory check must count them."""
-    from mergeopt.loop.preflight import memory_plan
-    from mergeopt.space import load_space
-
-    space = load_space(str(_test_space(tmp_path)))
-    assert "ties" in space.methods
-    with_ties = memory_plan(space, 2)
-    without = memory_plan(space.model_copy(update={"methods": ["task_arithmetic", "dare_linear"]}), 2)
-    ranks = with_ties["params"] * 4 * len(space.models)
-    assert with_ties["ties_ranks_bytes"] == ranks and without["ties_ranks_bytes"] == 0
-    assert with_ties["total_bytes"] - without["total_bytes"] == 2 * ranks
-
-
 def test_a_study_recorded_under_other_merge_rules_is_read_but_not_resumed(test_zoo: Path, tmp_path: Path):
     """When the merge rules change (DARE's masks did), a recipe and seed give other weights: an older
     study cannot be resumed or exported exactly, so it is refused with a one-line reason, and its

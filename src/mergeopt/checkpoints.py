@@ -4,6 +4,7 @@ compatibility checks between experts and the base, and resident task vectors."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +45,7 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(f"{index}: weight_map names shard {missing[0]}, which does not exist")
         elif single.exists():
-            with safe_open(single, "pt") as fh:
-                self._files = dict.fromkeys(fh.keys(), single)
+            self._files = dict.fromkeys(_header(single), single)
         else:
             pickles = [n for n in PICKLE_NAMES if (self.path / n).exists()]
             if pickles and not allow_pickle:
@@ -56,12 +56,10 @@ class Checkpoint:
             self._load_pickle(self.path / pickles[0])
         if not hasattr(self, "_pickled"):
             for f in sorted(set(self._files.values())):
-                with safe_open(f, "pt") as fh:
-                    for k in fh.keys():
-                        if self._files.get(k) == f:
-                            sl = fh.get_slice(k)
-                            self._shapes[k] = tuple(sl.get_shape())
-                            self._dtypes[k] = sl.get_dtype()
+                for k, info in _header(f).items():
+                    if self._files.get(k) == f:
+                        self._shapes[k] = tuple(info["shape"])
+                        self._dtypes[k] = info["dtype"]
 
     def _load_pickle(self, file: Path) -> None:
         if file.name.endswith(".index.json"):
@@ -82,6 +80,10 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def is_floating(self, name: str) -> bool:
+        d = self._dtypes[name]
+        return d.startswith(("F", "BF", "torch.float", "torch.bfloat", "torch.half"))
 
     @property
     def num_layers(self) -> int:
@@ -125,3 +127,18 @@ def check_compatible(base: Checkpoint, other: Checkpoint) -> None:
         if base.shape(n) != other.shape(n):
             raise CheckpointError(f"{other.path}: tensor {n} has shape {list(other.shape(n))}, "
                                   f"expected {list(base.shape(n))} as in the base")
+
+
+def _header(file: Path) -> dict[str, dict]:
+    """A safetensors file's tensor entries (dtype, shape), read from its JSON header alone: no mapping
+    of the file, whatever its size."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header

@@ -115,6 +115,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_memory_plan(console, space, args: argparse.Namespace) -> int:
+    """The memory plan of `optimize --dry-run`, from the base model's headers: what each tier needs per
+    worker and per node, and, when it does not fit, the line `optimize` would refuse with (exit status 2)."""
+    from .errors import UserError
+    from .loop.preflight import check_memory, study_plan
+    from .memory_plan import GIB, MARGIN
+    from .refs import is_zoo_ref
+
+    if is_zoo_ref(space.base_model):
+        console.print("memory plan: the embedded zoo's models are a few MB; plans are printed for model folders")
+        return 0
+    if not Path(space.base_model).is_dir():  # a template naming folders of another machine
+        console.print(f"memory plan: {space.base_model} is not here; the plan is printed where the models are")
+        return 0
+    load = {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+    workers = 1 if args.backend == "inline" else space.search.workers
+    p, size, node = study_plan(space, workers, ray=args.backend != "inline", **load)
+    gpu = f"{node.gpus} GPU(s), {node.gpu_free / GIB:.1f} GiB free on the fullest" if node.gpus else "no GPU"
+    t = Table(title=f"memory plan: {size.params / 1e9:.2f}B parameters x {len(space.models)} experts, {space.dtype}, "
+                    f"placement {space.placement} -> {p.placement}, {workers} worker(s); this node: "
+                    f"{node.host_free / GIB:.1f} GiB host memory free, {gpu}")
+    for col in ("tier", "item", "GiB per worker", "GiB per node"):
+        t.add_column(col, justify="right" if col.startswith("GiB") else "left")
+    for row in p.table():
+        t.add_row(*row)
+    console.print(t)
+    try:
+        check_memory(space, workers, ray=args.backend != "inline", node=node, **load)
+    except UserError as e:
+        console.print(f"does not fit: {e}")
+        return 2
+    console.print(f"fits: every tier within {MARGIN:.0%} of its free memory")
+    return 0
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     import time
 
@@ -152,7 +187,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         console.print(f"objectives: {', '.join(f'{o.metric} ({o.direction})' for o in space.objectives)}; "
                       f"combined: {space.combined}; storage: {space.storage or f'sqlite:///{run_dir}/study.db'}")
         console.print(f"baselines enqueued first: {len(space.baselines()) if space.search.baselines else 0}")
-        return 0
+        return _print_memory_plan(console, space, args)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .report import write_reports

@@ -55,8 +55,9 @@ def _metric_equal(a: dict[str, float], b: dict[str, float]) -> list[str]:
 
 def mergekit_config(recipe) -> dict[str, Any] | None:
     """mergekit's YAML for the same weights: tag coefficients folded into the weights, mergeopt's own
-    keys dropped. Only for methods whose result does not depend on random masks."""
-    if not get_method(recipe.merge_method).mergekit_reproduces:
+    keys dropped. Only for methods whose result does not depend on random masks, over task vectors
+    mergekit can read (not int8-rounded ones)."""
+    if not get_method(recipe.merge_method).mergekit_reproduces or recipe.task_vectors != "full":
         return None
     models = []
     for m, p in zip(recipe.experts(), recipe.resolved_models(), strict=True):
@@ -212,10 +213,17 @@ def _card(space: Space, trial, recipe, val: dict, test: dict, summary: dict, mk:
                   + (". Where task-vector magnitudes tie at the trim threshold, mergeopt keeps every tied entry "
                      "and mergekit exactly k, so a few entries can differ; `mergeopt_recipe.yaml` is exact."
                      if recipe.merge_method in RANKED_METHODS else "."), ""]
+    elif recipe.task_vectors == "int8":
+        lines += ["No `mergekit_config.yml`: the search stored the task vectors as int8 with one float32 scale per "
+                  "row (`placement: int8`), and these weights merge those rounded task vectors, which mergekit "
+                  "cannot read; `mergeopt_recipe.yaml` (`task_vectors: int8`) reproduces them exactly.", ""]
     else:
         lines += [f"No `mergekit_config.yml`: `{recipe.merge_method}` draws random masks, and mergekit seeds them "
                   "differently, so only `mergeopt_recipe.yaml` reproduces these exact weights.", ""]
-    lines += [f"Weights are stored in {recipe.output_dtype} and were validated in {recipe.output_dtype}.", ""]
+    storage = ("int8 task vectors with per-row float32 scales" if recipe.task_vectors == "int8"
+               else f"{recipe.torch_dtype} task vectors")
+    lines += [f"Weights are stored in {recipe.output_dtype} and were validated in {recipe.output_dtype} "
+              f"(the search merged {storage}).", ""]
     cmd = lm_eval_command(test_assets)
     if cmd:
         lines += ["## Reproduce with lm-eval", "", "lm-eval's own CLI, run in this folder, gives `results.json`'s "

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import tensor_store
 from .atomic import atomic_folder
 from .checkpoints import Checkpoint, check_compatible
 from .errors import CheckpointError, UserError
@@ -57,33 +58,82 @@ def merge_tensor(recipe: Recipe, name: str, base: torch.Tensor, taus: Sequence[t
 
 
 class ResidentMerger:
-    """Holds the base weights and the task vectors tau_i = theta_i - theta_base, computed once, and
-    merges any recipe over the same models into a resident model's own buffers (no new model per
-    candidate)."""
+    """Holds the base weights and the task vectors tau_i = theta_i - theta_base, computed once, in one
+    tier of mergeopt.tensor_store (on the merge's device, or in host memory, full or int8), and merges
+    any recipe over the same models into a resident model's own buffers (no new model per candidate).
+    Each tensor is merged in float32 and written in the model's dtype."""
 
     def __init__(self, base: Checkpoint, experts: Sequence[Checkpoint], *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
-        self.names = base.names
-        self.num_layers = base.num_layers
+                 device: str | torch.device = "cpu", placement: str = "device"):
+        held = torch.device(device) if placement == "device" else torch.device("cpu")
+        entries = tensor_store.task_vectors(base, experts, dtype, int8=placement == "int8")
+        self._hold(((n, b.to(held), [t.to(held) if isinstance(t, torch.Tensor) else t for t in ts])
+                    for n, b, ts in entries), base.num_layers, dtype, device)
+
+    def _hold(self, entries, num_layers: int, dtype: torch.dtype, device: str | torch.device) -> None:
+        self.num_layers, self.dtype, self.device = num_layers, dtype, torch.device(device)
         self.base: dict[str, torch.Tensor] = {}
-        self.taus: list[dict[str, torch.Tensor]] = [{} for _ in experts]
-        for n in self.names:
-            raw = base.get(n)
-            if not raw.is_floating_point():
-                self.base[n] = raw.to(device)
-                continue
-            b32 = raw.float()
-            self.base[n] = b32.to(dtype).to(device)
-            for i, ck in enumerate(experts):
-                self.taus[i][n] = (ck.get(n, torch.float32) - b32).to(dtype).to(device)
-        self.memo: dict = {}  # values derived from the task vectors alone (TIES magnitude ranks)
+        self.taus: list[dict[str, tensor_store.Stored]] = []
+        for n, b, ts in entries:
+            self.base[n] = b
+            if not self.taus:
+                self.taus = [{} for _ in ts]
+            for d, t in zip(self.taus, ts, strict=True):
+                d[n] = t
+        self.names = list(self.base)
+        self.memo: dict = {}  # values derived from the task vectors alone (TIES magnitude sketches)
+
+    @classmethod
+    def from_entries(cls, entries, num_layers: int, dtype: torch.dtype, device: str | torch.device = "cpu",
+                     experts: int | None = None) -> ResidentMerger:
+        """From (name, base, stored task vectors) triples, as mergeopt.tensor_store yields or unpacks them."""
+        self = cls.__new__(cls)
+        self._hold(entries, num_layers, dtype, device)
+        if not self.taus and experts:
+            self.taus = [{} for _ in range(experts)]
+        return self
 
     @classmethod
     def from_tensors(cls, base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]], num_layers: int) -> ResidentMerger:
-        self = cls.__new__(cls)
-        self.names, self.num_layers, self.base, self.taus = sorted(base), num_layers, base, taus
-        self.memo = {}
-        return self
+        first = next((v for v in base.values() if v.is_floating_point()), None)
+        return cls.from_entries(((n, base[n], [t[n] for t in taus] if base[n].is_floating_point() else [])
+                                 for n in sorted(base)), num_layers, first.dtype if first is not None else torch.float32,
+                                first.device if first is not None else "cpu", experts=len(taus))
+
+    def stored_bytes(self) -> int:
+        return sum(tensor_store.stored_bytes(t) for d in [self.base, *self.taus] for t in d.values())
+
+    def _inputs(self, targets: dict[str, torch.Tensor] | None):
+        """(name, base, task vectors) on the device each tensor is merged on (its model buffer's). From a
+        host tier to a GPU, the next tensor's copy is issued on a side stream while the current one merges."""
+        def where(n: str) -> torch.device:
+            return targets[n].device if targets is not None and n in targets else self.device
+
+        def get(n: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            dev = where(n)
+            b = self.base[n]
+            if not b.is_floating_point():
+                return b, []
+            return tensor_store.fetch(b, self.dtype, dev), [tensor_store.fetch(t[n], self.dtype, dev) for t in self.taus]
+
+        copying = [n for n in self.names if self.base[n].device != where(n)]
+        if not copying or where(copying[0]).type != "cuda":
+            for n in self.names:
+                yield (n, *get(n))
+            return
+        side = torch.cuda.Stream(where(copying[0]))
+        with torch.cuda.stream(side):
+            nxt = get(self.names[0])
+        for i, n in enumerate(self.names):
+            torch.cuda.current_stream().wait_stream(side)
+            cur = nxt
+            for t in (cur[0], *cur[1]):
+                if t.device.type == "cuda":
+                    t.record_stream(torch.cuda.current_stream())
+            if i + 1 < len(self.names):
+                with torch.cuda.stream(side):
+                    nxt = get(self.names[i + 1])
+            yield (n, *cur)
 
     def merged(self, recipe: Recipe, targets: dict[str, torch.Tensor] | None = None):
         """Yield (name, merged tensor) for every tensor, in name order; written into `targets[name]`
@@ -91,12 +141,11 @@ class ResidentMerger:
         if len(recipe.experts()) != len(self.taus):
             raise UserError(f"recipe has {len(recipe.experts())} experts, the resident merger holds {len(self.taus)}")
         models, params = recipe.resolved_models(), recipe.resolved_globals()
-        for n in self.names:
-            b = self.base[n]
+        for n, b, taus in self._inputs(targets):
             if not b.is_floating_point():
                 yield n, b
                 continue
-            yield n, merge_tensor(recipe, n, b, [t[n] for t in self.taus], self.num_layers, models, params,
+            yield n, merge_tensor(recipe, n, b, taus, self.num_layers, models, params,
                                   out=None if targets is None else targets.get(n), memo=self.memo)
 
     @torch.no_grad()
@@ -149,7 +198,10 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, force: bool = False, max
             if b.is_floating_point():
                 b32 = b.float()
                 b = b32.to(compute).to(device)
-                taus = [(ck.get(n, torch.float32) - b32).to(compute).to(device) for ck in experts]
+                taus = [(ck.get(n, torch.float32) - b32).to(compute) for ck in experts]
+                if recipe.task_vectors == "int8":  # the search's storage, so its rounding is reproduced
+                    taus = [tensor_store.quantize_int8(t).dense(compute, device) for t in taus]
+                taus = [t.to(device) for t in taus]
                 t = merge_tensor(recipe, n, b, taus, base.num_layers, models, params)
                 if not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"merged tensor {n} holds NaN or inf (check weights that sum to zero with normalize)")

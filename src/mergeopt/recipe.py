@@ -38,6 +38,9 @@ class Recipe(BaseModel):
     language_coefficients: dict[str, float] = Field(default_factory=dict)
     objective_coefficients: dict[str, float] = Field(default_factory=dict)
     layer_range: list[int] | None = None  # from mergekit's `slices:` form; must span every layer
+    task_vectors: Literal["full", "int8"] = Field("full", description=(
+        "how the search stored the task vectors: `int8` (placement: int8) rounds each to int8 with one "
+        "float32 scale per row before merging, and the merge reproduces that rounding; mergeopt's own key"))
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +154,10 @@ class Recipe(BaseModel):
         return DTYPES[self.out_dtype or self.dtype]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_defaults=False, exclude_none=True), sort_keys=False)
+        data = self.model_dump(exclude_defaults=False, exclude_none=True)
+        if data.get("task_vectors") == "full":  # the default: a plain mergekit recipe
+            data.pop("task_vectors")
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -38,9 +38,7 @@ def run_study(space: Space, run_dir: Path, *, n_trials: int, workers: int, addre
     phase("checking")
     check_run_dir(run_dir)
     if address is None and own_pool:
-        import torch
-
-        check_memory(space, 1 if backend == "inline" else workers, torch.cuda.is_available(), **load)
+        check_memory(space, 1 if backend == "inline" else workers, ray=backend != "inline", **load)
     existing = find_study(space, run_dir)
     check_assets(space, trust_remote_code=trust_remote_code)
     done_before = len(finished(existing)) if existing is not None else 0

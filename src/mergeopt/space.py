@@ -197,7 +197,16 @@ class Space(Strict):
         "`postgresql://user@host/db` (or another SQLAlchemy URL): several nodes"))
     output: str | None = None
     pick: str = "combined"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "the dtype of the resident model, the base and the task vectors during the search, and of the export; "
+        "each tensor is merged in float32 and written in this dtype, so the evaluated weights are the exported "
+        "ones. bfloat16 halves the memory of float32"))
+    placement: Literal["auto", "device", "host", "int8"] = Field("auto", description=(
+        "where the base and task vectors live during the search. device: on each worker's GPU. host: once per "
+        "node in shared host memory, copied to the GPU tensor by tensor during each merge. int8: like host, with "
+        "task vectors rounded to int8 with one float32 scale per row (a quarter of float32's memory; changes the "
+        "searched weights slightly, and the recipe records it). auto: device when it fits, else host; never int8. "
+        "On a CPU-only node device and host are the same. `optimize --dry-run` prints the memory plan"))
 
     @field_validator("methods")
     @classmethod
@@ -322,7 +331,8 @@ class Space(Strict):
         if method == "slerp":
             glob["t"] = value("t", r.t)
         data: dict[str, Any] = {"merge_method": method, "base_model": self.base_model, "models": models,
-                                "parameters": glob, "dtype": self.dtype, "seed": seed}
+                                "parameters": glob, "dtype": self.dtype, "seed": seed,
+                                "task_vectors": "int8" if self.placement == "int8" else "full"}
         if method == "linear":
             data.pop("base_model")
         if r.language_coefficients is not None:
@@ -378,6 +388,8 @@ class Space(Strict):
         import hashlib
 
         data = self.model_dump(mode="json", by_alias=True, exclude={"search": OPERATIONAL, **PUBLISHING})
+        if data.pop("placement") == "int8":  # where tensors live changes no bits; int8's rounding does
+            data["task_vectors"] = "int8"
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,47 +9,46 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import faults
+from . import faults, tensor_store
 from ._env import quiet_libraries
 from .result import TrialResult
 
 
-def pack_tensors(base: dict[str, torch.Tensor], taus: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Base and task vectors as numpy arrays, for one `ray.put` shared by every actor of a node."""
-    def np_of(t: torch.Tensor) -> np.ndarray:
-        return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-    return {"base": {k: np_of(v) for k, v in base.items()}, "taus": [{k: np_of(v) for k, v in t.items()} for t in taus],
-            "dtypes": {k: str(v.dtype) for k, v in base.items()}}
-
-
-def unpack_tensors(payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    def t_of(a: np.ndarray, dtype: str) -> torch.Tensor:
-        with warnings.catch_warnings():  # shared-memory arrays are read-only; merges never write to them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(a)
-        return t.view(torch.bfloat16) if dtype == "torch.bfloat16" else t
-
-    dt = payload["dtypes"]
-    base = {k: t_of(v, dt[k]) for k, v in payload["base"].items()}
-    taus = [{k: t_of(v, dt[k]) for k, v in t.items()} for t in payload["taus"]]
-    return base, taus
-
-
-def load_resident(space, *, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Open and check the space's models; return (base checkpoint, ResidentMerger on `device`)."""
-    from .merge import ResidentMerger, open_models
+def load_resident(space, *, device: str = "cpu", placement: str = "device", allow_pickle: bool = False,
+                  trust_remote_code: bool = False):
+    """Open and check the space's models; return (base checkpoint, ResidentMerger holding them in the
+    placement's tier)."""
+    from .merge import TORCH_DTYPES, ResidentMerger, open_models
 
     recipe = space.recipe(space.baselines()[0] if space.distributions() else {}, 0)
     base, experts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    dtype = torch.bfloat16 if space.dtype == "bfloat16" else torch.float32
-    return base, ResidentMerger(base, experts, dtype=dtype, device=device)
+    return base, ResidentMerger(base, experts, dtype=TORCH_DTYPES[space.dtype], device=device, placement=placement)
+
+
+def shared_entries(space, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """(base checkpoint, payloads): each tensor's base and stored task vectors, packed for the object
+    store one tensor at a time, so whoever puts them there never holds a second full copy."""
+    from .merge import TORCH_DTYPES, open_models
+
+    recipe = space.recipe(space.baselines()[0] if space.distributions() else {}, 0)
+    base, experts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    entries = tensor_store.task_vectors(base, experts, TORCH_DTYPES[space.dtype], int8=space.placement == "int8")
+    return base, (tensor_store.pack(*e) for e in entries)
+
+
+def worker_placement(space, base_ck, device: str, gpus: int) -> str:
+    """`auto` resolved on the worker's own node (device or host: the same bits either way)."""
+    from .memory_plan import ModelSize, Node, Setup, resolve
+
+    if space.placement != "auto" or torch.device(device).type != "cuda":
+        return "device" if space.placement == "auto" else space.placement
+    setup = Setup.of_space(space, 1, gpus=gpus)
+    return resolve(ModelSize.of_checkpoint(base_ck), setup, Node.measure())
 
 
 def time_forward(model: torch.nn.Module, sink: Any, attr: str = "forward_s") -> None:
@@ -83,7 +82,7 @@ class TrialWorker:
 
         from .evaluation.assets import resolve_assets
         from .evaluation.evaluator import Evaluator
-        from .merge import ResidentMerger, open_models
+        from .merge import TORCH_DTYPES, ResidentMerger, open_models
         from .space import Space
 
         t0 = time.perf_counter()
@@ -92,30 +91,45 @@ class TrialWorker:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.shared_bytes = {"mapped": 0, "copied": 0}  # the node's shared tensors: mapped, or copied here
         self.shared_backing: str | None = None  # the shared-memory file and offset they are mapped from
+        dtype = TORCH_DTYPES[self.space.dtype]
+        gpus = torch.cuda.device_count() if torch.device(self.device).type == "cuda" else 0
+        recipe = self.space.recipe(self.space.baselines()[0] if self.space.distributions() else {}, 0)
         if shared is not None:
-            if isinstance(shared, list):  # [ObjectRef]: nested, so Ray hands the reference over unresolved
-                import ray
+            import ray
 
-                shared = ray.get(shared[0])
-            base_t, taus = unpack_tensors(shared)
-            arrays = [*shared["base"].values(), *(a for t in shared["taus"] for a in t.values())]
+            payloads = ray.get(shared[0])  # [[ObjectRef, ...]]: nested, so Ray hands the references over unresolved
+            arrays = [a for p in payloads for a in tensor_store.arrays(p)]
             self.shared_bytes["mapped"] = sum(a.nbytes for a in arrays if not a.flags.writeable)
             self.shared_bytes["copied"] = sum(a.nbytes for a in arrays if a.flags.writeable)
             self.shared_backing = _backing(arrays[0]) if arrays else None
-            recipe = self.space.recipe(self.space.baselines()[0], 0)
             base_ck, _ = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-            if self.device != "cpu":
+            self.placement = worker_placement(self.space, base_ck, self.device, gpus)
+            entries = [tensor_store.unpack(p) for p in payloads]
+            if self.placement == "device" and torch.device(self.device).type != "cpu":
                 self.shared_bytes = {"mapped": 0, "copied": sum(self.shared_bytes.values())}  # one device copy each
-                base_t = {k: v.to(self.device) for k, v in base_t.items()}
-                taus = [{k: v.to(self.device) for k, v in t.items()} for t in taus]
-            self.merger = ResidentMerger.from_tensors(base_t, taus, base_ck.num_layers)
+                entries = [(n, b.to(self.device), [t.to(self.device) for t in ts]) for n, b, ts in entries]
+            elif torch.device(self.device).type == "cuda":
+                for _, b, ts in entries:
+                    for t in (b, *ts):
+                        for part in ((t.q, t.scale) if isinstance(t, tensor_store.Int8Rows) else (t,)):
+                            tensor_store.pin(part)
+            self.merger = ResidentMerger.from_entries(entries, base_ck.num_layers, dtype, self.device,
+                                                      experts=len(self.space.models))
         else:
-            base_ck, self.merger = load_resident(self.space, device=self.device, allow_pickle=allow_pickle,
-                                                 trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=torch.float32,
+            base_ck, _ = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            self.placement = worker_placement(self.space, base_ck, self.device, gpus)
+            base_ck, self.merger = load_resident(self.space, device=self.device, placement=self.placement,
+                                                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        # The resident model in the study's dtype; several GPUs per worker: sharded by accelerate's device
+        # map, and each tensor merged on its layer's GPU (the merger fetches to the buffer's device).
+        sharded = gpus > 1
+        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=dtype,
                                                           use_safetensors=None if allow_pickle else True,
-                                                          trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
+                                                          trust_remote_code=trust_remote_code,
+                                                          **({"device_map": "auto"} if sharded else {}))
+        if not sharded:
+            self.model.to(self.device)
+        self.model.eval()
         self.tok = AutoTokenizer.from_pretrained(base_ck.path, trust_remote_code=trust_remote_code)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
@@ -136,7 +150,8 @@ class TrialWorker:
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.worker_id, "pid": os.getpid(), "node": self.node, "device": self.device,
-                "startup_s": self.startup_s, "shared_bytes": dict(self.shared_bytes), "shared_backing": self.shared_backing}
+                "startup_s": self.startup_s, "shared_bytes": dict(self.shared_bytes), "shared_backing": self.shared_backing,
+                "placement": self.placement, "dtype": self.space.dtype}
 
     def stages(self) -> list[str]:
         """The evaluation stages of a trial: the subset then the rest when a pruner may stop a candidate

@@ -3,7 +3,6 @@ evaluation's assets. Each refusal is one line naming what to change."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -22,47 +21,31 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(f"--run-dir {run_dir}: {p} is not writable; choose a run folder you can write to")
 
 
-def memory_plan(space: Space, workers: int, **load: bool) -> dict[str, float]:
-    """Bytes a study needs on this node: the base and task vectors once (shared through the object
-    store, plus the driver's copy while it puts them there), and per worker a model, its activations,
-    the libraries' own footprint and, when TIES is searched, the sorted magnitudes of every task vector."""
+def study_plan(space: Space, workers: int, *, ray: bool = True, node=None, **load: bool):
+    """The space's memory plan on this node (mergeopt.memory_plan), from the base model's headers."""
     from ..checkpoints import Checkpoint
-    from ..methods.task_arithmetic import RANKED_METHODS
+    from ..memory_plan import ModelSize, Node, Setup, plan
     from ..refs import resolve_model_path
 
-    ck = Checkpoint(resolve_model_path(space.base_model), **load)
-    elem = 2 if space.dtype == "bfloat16" else 4
-    params = sum(math.prod(ck.shape(n)) for n in ck.names)
-    shared = params * elem * (1 + len(space.models))
-    per_worker = params * 4 * 1.25 + 600 * 2**20  # fp32 model, activations, runtime (torch, lm-eval)
-    # TIES looks its thresholds up in each task vector's sorted magnitudes, kept by each worker (float32)
-    ranks = params * 4 * len(space.models) if RANKED_METHODS.intersection(space.methods) else 0
-    per_worker += ranks
-    return {"params": params, "shared_bytes": shared, "driver_bytes": shared, "per_worker_bytes": per_worker,
-            "ties_ranks_bytes": ranks, "total_bytes": 2 * shared + workers * per_worker}
+    node = node or Node.measure()
+    size = ModelSize.of_checkpoint(Checkpoint(resolve_model_path(space.base_model), **load))
+    return plan(size, Setup.of_space(space, workers, ray=ray, gpus=node.gpus), node), size, node
 
 
-def check_memory(space: Space, workers: int, gpus: bool, **load: bool) -> None:
-    """Refuse to start a study that would not fit, instead of being killed hours later."""
-    import psutil
+def check_memory(space: Space, workers: int, *, ray: bool = True, node=None, **load: bool):
+    """Refuse to start a study that would not fit, instead of being killed hours later; the plan
+    otherwise (its placement is what `auto` resolves to on this node)."""
+    from ..memory_plan import GIB, refusal
 
-    plan = memory_plan(space, workers, **load)
-    gib = 2**30
-    avail = psutil.virtual_memory().available
-    if plan["total_bytes"] > 0.9 * avail:
-        fit = max(0, int((0.9 * avail - 2 * plan["shared_bytes"]) // plan["per_worker_bytes"]))
-        raise UserError(f"{space.name}: {workers} worker(s) need about {plan['total_bytes'] / gib:.1f} GiB of RAM "
-                        f"({plan['shared_bytes'] / gib:.1f} GiB base and task vectors, {plan['per_worker_bytes'] / gib:.1f} GiB "
-                        f"per worker) but {avail / gib:.1f} GiB is free; use --workers {fit}" +
-                        ("" if space.dtype == "bfloat16" else " or dtype: bfloat16"))
-    if gpus:
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()
-        need = plan["shared_bytes"] + plan["per_worker_bytes"]
-        if need > 0.9 * free:
-            raise UserError(f"{space.name}: one worker needs about {need / gib:.1f} GiB of GPU memory but "
-                            f"{free / gib:.1f} GiB is free; use dtype: bfloat16 or a GPU with more memory")
+    p, size, node = study_plan(space, workers, ray=ray, node=node, **load)
+    if p.setup.gpus_per_worker and not node.gpus:
+        raise UserError(f"{space.name}: search.gpus_per_worker: the GPU tier needs {p.need('gpu') / GIB:.1f} GiB per GPU, "
+                        "but this node has no GPU (0.0 GiB free); remove search.gpus_per_worker to run on the CPU, "
+                        "or run on a GPU node")
+    line = refusal(space.name, size, p.setup, node)
+    if line:
+        raise UserError(line)
+    return p
 
 
 def check_assets(space: Space, *, trust_remote_code: bool = False) -> None:

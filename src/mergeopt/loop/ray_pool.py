@@ -19,8 +19,9 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS":
 PASSED_ON = ("MERGEOPT_ZOO_DIR", "MERGEOPT_FAULT")  # the driver's settings its workers need too
 
 
-def init_ray(address: str | None, cpus: float, *, dashboard: bool = False) -> None:
-    """Join a cluster (`address`), or start a private local instance sized for the workers."""
+def init_ray(address: str | None, cpus: float, *, dashboard: bool = False, object_store_bytes: int = 0) -> None:
+    """Join a cluster (`address`), or start a private local instance sized for the workers, its object
+    store large enough for the base and task vectors (Ray's default, 30% of memory, would spill them to disk)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -34,6 +35,11 @@ def init_ray(address: str | None, cpus: float, *, dashboard: bool = False) -> No
     if address:
         ray.init(address=address, **kw)
     else:  # "local": a new instance even when `ray start` left a cluster running on this machine
+        import psutil
+
+        default = int(0.3 * psutil.virtual_memory().available)
+        if object_store_bytes * 1.1 + 512 * 2**20 > default:
+            kw["object_store_memory"] = int(object_store_bytes * 1.1) + 512 * 2**20
         ray.init(address="local", num_cpus=max(cpus, 1), **kw)
 
 
@@ -69,11 +75,14 @@ class RayPool(WorkerPool):
         import ray
         import torch
 
-        from ..worker import TrialWorker, load_resident, pack_tensors
+        from ..worker import TrialWorker, shared_entries
 
         phase = on_phase or (lambda _: None)
         phase("starting Ray")
-        init_ray(address, workers * space.search.cpus_per_worker, dashboard=dashboard)
+        from .preflight import study_plan
+
+        store = study_plan(space, workers, **load)[0].need("object store") if address is None else 0
+        init_ray(address, workers * space.search.cpus_per_worker, dashboard=dashboard, object_store_bytes=int(store))
         self.ray = ray
         gpus = space.search.gpus_per_worker
         if gpus is None:
@@ -86,9 +95,10 @@ class RayPool(WorkerPool):
                             f"GPUs, this node has {have:g}; use --workers {max(1, int(have // gpus))} or "
                             "search.gpus_per_worker")
         phase("loading models")
-        _, merger = load_resident(space, **load)
-        self.shared = ray.put(pack_tensors(merger.base, merger.taus))  # held for the study: replacements read it
-        del merger
+        # One object per tensor, put as it is computed: the node's one copy is the object store's, and the
+        # driver never holds more than one tensor. Held for the study: replacement workers read them too.
+        _, payloads = shared_entries(space, **load)
+        self.shared = [ray.put(p) for p in payloads]
         self.actor = ray.remote(num_cpus=space.search.cpus_per_worker, num_gpus=gpus, max_restarts=0,
                                 max_task_retries=0)(TrialWorker)
         self.data = space.model_dump(mode="json", by_alias=True)
@@ -104,7 +114,7 @@ class RayPool(WorkerPool):
         self._settle({w.prepare.remote(): i for i, w in enumerate(self.handles) if i not in self.failed_at_start})
 
     def _new(self, slot: int) -> Any:
-        return self.actor.remote(self.data, [self.shared], worker_id=slot, threads=1, **self.load)
+        return self.actor.remote(self.data, [self.shared], worker_id=slot, threads=1, **self.load)  # nested: unresolved
 
     def _settle(self, calls: dict[Any, int]) -> None:
         for ref, slot in calls.items():

@@ -11,6 +11,7 @@ della(_linear). One algorithm, declared once, varied by sparsifier and sign cons
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,20 +32,71 @@ def _sparsify(kind: str, tau: torch.Tensor, m: dict, params: dict, ctx: TensorCo
     raise ValueError(kind)
 
 
-def _sorted_magnitudes(tau: torch.Tensor) -> torch.Tensor:
-    """|tau| in ascending order, float32. On the CPU numpy's vectorised sort is several times faster
-    than torch.sort."""
-    mags = tau.reshape(-1).abs().float()
+SKETCH_POINTS = 1024  # S: the sketch keeps S + 1 order statistics of |tau| (fewer for tensors of <= S entries)
+
+
+class _Sketch(NamedTuple):
+    """Order statistics of a task vector's |tau| (float32) at the S + 1 evenly spaced ascending ranks
+    r_j = j * (n - 1) // S (r_0 = 0, r_S = n - 1), each with the number of entries below it and at or
+    below it (so ties are exact). Any rank lies between two neighbouring points: O(S) memory, not O(n)."""
+
+    values: np.ndarray  # float32, ascending
+    below: np.ndarray  # count of |tau| < values[j]
+    upto: np.ndarray  # count of |tau| <= values[j]
+
+
+def _magnitudes(tau: torch.Tensor) -> torch.Tensor:
+    return tau.reshape(-1).abs().float()  # exact for float32, bfloat16 and float16 task vectors
+
+
+def _ranks(n: int, s: int) -> np.ndarray:
+    return np.arange(s + 1, dtype=np.int64) * (n - 1) // max(s, 1)
+
+
+def _sketch(tau: torch.Tensor) -> _Sketch:
+    """One sort of one tensor (transient); what is kept is O(S)."""
+    mags = _magnitudes(tau)
+    n = mags.numel()
+    ranks = _ranks(n, min(SKETCH_POINTS, n - 1))
+    count = np.int32 if n < 2**31 else np.int64
+    if mags.device.type == "cpu":  # numpy's vectorised sort is several times faster than torch.sort on the CPU
+        srt = np.sort(mags.numpy())
+        values = srt[ranks]
+        below, upto = np.searchsorted(srt, values, "left"), np.searchsorted(srt, values, "right")
+    else:
+        srt = torch.sort(mags).values
+        v = srt[torch.from_numpy(ranks).to(srt.device)]
+        values = v.cpu().numpy()
+        below = torch.searchsorted(srt, v).cpu().numpy()
+        upto = torch.searchsorted(srt, v, right=True).cpu().numpy()
+    return _Sketch(values.astype(np.float32), below.astype(count), upto.astype(count))
+
+
+def _select(tau: torch.Tensor, sketch: _Sketch, t: int) -> float:
+    """The t-th smallest |tau| (0-based), exactly: the sketch brackets it between two neighbouring
+    points, and one pass selects among the entries strictly between them (about n / S of them)."""
+    values, below, upto = sketch
+    j = int(np.searchsorted(_ranks(tau.numel(), len(values) - 1), t, "right")) - 1  # r_j <= t < r_{j+1}
+    if t < upto[j]:  # below[j] <= r_j <= t < upto[j]: tied with point j
+        return float(values[j])
+    if t >= below[j + 1]:  # below[j+1] <= t < r_{j+1} (j < S here, as upto[S] = n)
+        return float(values[j + 1])
+    lo, hi, idx = values[j], values[j + 1], t - int(upto[j])  # strictly between: ranks upto[j] .. below[j+1]-1
+    mags = _magnitudes(tau)
     if mags.device.type == "cpu":
-        return torch.from_numpy(np.sort(mags.numpy()))
-    return torch.sort(mags).values
+        m = mags.numpy()
+        inside = m[(m > lo) & (m < hi)]
+        return float(np.partition(inside, idx)[idx])
+    inside = mags[(mags > float(lo)) & (mags < float(hi))]
+    return float(torch.kthvalue(inside, idx + 1).values)
 
 
 def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, i: int) -> float:
     """The TIES trim as a threshold: keep |tau| >= the k-th largest magnitude, k = max(1, floor(density
-    * N)) (`sparsify.magnitude`). A search worker memoises the sorted magnitudes (they depend on the task
-    vector alone), so each candidate only looks its threshold up; a single merge selects the k-th
-    largest directly (numpy's introselect: linear time, several times cheaper than the sort)."""
+    * N)) (`sparsify.magnitude`). A single merge selects it directly (numpy's introselect: linear time).
+    A search worker does not keep a sorted copy of every task vector (4 bytes per parameter and expert,
+    hundreds of GB for large models): it memoises a small quantile sketch per tensor and expert, and
+    each candidate selects exactly among the few entries the sketch leaves between two of its points."""
     n = tau.numel()
     if density >= 1:
         return 0.0
@@ -52,11 +104,11 @@ def _magnitude_threshold(tau: torch.Tensor, density: float, ctx: TensorContext, 
         return float("inf")
     k = max(1, int(density * n))
     if ctx.memo is None:  # one merge (`mergeopt merge`): a selection, not a sort
-        mags = tau.reshape(-1).abs().float()
+        mags = _magnitudes(tau)
         if mags.device.type == "cpu":
             return float(np.partition(mags.numpy(), n - k)[n - k])
         return float(torch.kthvalue(mags, n - k + 1).values)
-    return float(ctx.remember(("abs_sorted", i), lambda: _sorted_magnitudes(tau))[n - k])
+    return _select(tau, ctx.remember(("abs_sketch", i), lambda: _sketch(tau)), n - k)
 
 
 def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], models: list[dict], params: dict,
@@ -90,7 +142,9 @@ def generalized_task_arithmetic(base: torch.Tensor, taus: list[torch.Tensor], mo
     return fused.run(plan, out, base, inputs, args)
 
 
-RANKED_METHODS: set[str] = set()  # methods that keep each task vector's sorted magnitudes (memory planning)
+# methods that select a magnitude threshold per task vector (memory planning): per worker a small sketch per
+# tensor and expert plus one float32 |tau| temporary of the largest tensor
+RANKED_METHODS: set[str] = set()
 
 
 def _declare(name: str, sparsifier: str, consensus: bool, normalize: bool, doc: str, paper: str,
