@@ -114,10 +114,45 @@ def resume_soak(d: dict) -> str:
                       f"{d['soak_s']:.0f} s | {d['baseline_s']:.0f} s | {per:.1f} s |"])
 
 
+def scale(d: dict) -> str:
+    gib = 2**30
+    lines = ["| study | placement | trials | peak PSS, whole process tree | plan | measured / plan (target within 15%) | "
+             "merge per candidate | wall |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["studies"]:
+        lines.append(f"| {r['shape']}: {r['params'] / 1e9:.2f}B x 4 experts, bfloat16, TIES + DARE-TIES, {r['workers']} workers | "
+                     f"{r['placement']} | {r['complete']}/{r['trials']} | {r['peak_pss_bytes'] / gib:.2f} GiB | "
+                     f"{r['plan_host_bytes'] / gib:.2f} GiB | {r['ratio']:.2f} | {r['merge_s_median']:.2f} s | {r['wall_s']:.0f} s |")
+    if d.get("merges"):
+        lines += ["", f"Merge per candidate, qwen2-0.5b x 4 experts, one thread (copy bandwidth {d['copy_gbps']:.1f} GB/s; "
+                  "bound: the stored base and task vectors read once and the model written once):", "",
+                  "| placement | method | per candidate | bound | × bound | first merge | stored |", "|---|---|---|---|---|---|---|"]
+        for r in d["merges"]:
+            lines.append(f"| {r['placement']} | {r['method']} | {r['seconds']:.2f} s | {r['bound_seconds']:.2f} s | "
+                         f"{r['x_bound']:.1f}× | {r['first_seconds']:.1f} s | {r['stored_gib']:.2f} GiB |")
+    lines += ["", "Plans only, TIES searched, 4 experts in bfloat16, a node of 8 × 80 GB GPUs with 2 TiB of RAM "
+              "(8 workers of 1 GPU, or 2 workers of 4 GPUs):", "",
+              "| model | GPUs per worker | placement | per GPU | host, per node | fits |", "|---|---|---|---|---|---|"]
+    for r in d["plans"]:
+        place = r["placement"] if r["placement"] == r["resolved"] else f"{r['placement']} → {r['resolved']}"
+        lines.append(f"| {r['model']} ({r['params'] / 1e9:.1f}B) | {r['gpus_per_worker']} | {place} | {r['gpu_gib']:.1f} GiB | "
+                     f"{r['host_gib']:.0f} GiB | {'yes' if r['fits'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def int8_error(d: dict) -> str:
+    v = d["vectors"]
+    diffs = d["max_metric_diff"]
+    top = sorted(diffs, key=diffs.get, reverse=True)[:3]
+    return "\n".join(["| zoo | max \\|error\\| | relative norm of the error (worst tensor) | trials scored both ways | "
+                      "largest metric differences | combined |", "|---|---|---|---|---|---|",
+                      f"| {d['zoo']} | {v['max_abs']:.1e} | {v['rel_norm']:.2%} ({v['worst_tensor']['rel']:.2%}) | {d['trials']} | "
+                      + ", ".join(f"{k} {diffs[k]:.3f}" for k in top) + f" | {diffs['combined']:.3f} |"])
+
+
 RENDER: dict[str, Callable] = {"merge_speed": merge_speed, "mergekit_parity": mergekit_parity,
                                "eval_overhead": eval_overhead, "search_overhead": search_overhead,
                                "search_efficiency": search_efficiency, "paper_table": paper_table,
-                               "resume_soak": resume_soak}
+                               "resume_soak": resume_soak, "scale": scale, "int8_error": int8_error}
 
 
 def main() -> int:

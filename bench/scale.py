@@ -89,7 +89,9 @@ def run_study_measured(space_path: Path, run_dir: Path) -> dict[str, Any]:
         study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers)
     wall = time.perf_counter() - t0
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    merges = sorted(t.user_attrs["timing"]["merge_s"] for t in done)
+    # a worker's first merge builds the TIES sketches and compiles the kernels: the later ones are per candidate
+    firsts = {t.user_attrs["timing"]["pid"]: t.number for t in sorted(done, key=lambda t: t.number)[::-1]}
+    merges = sorted(t.user_attrs["timing"]["merge_s"] for t in done if t.number not in firsts.values())
     workers = json.loads((run_dir / "workers.json").read_text())
     groups: dict[str, float] = {}
     for name, b in peak.at_peak:
@@ -99,7 +101,7 @@ def run_study_measured(space_path: Path, run_dir: Path) -> dict[str, Any]:
             "trials": len(study.trials), "complete": len(done), "wall_s": wall,
             "merge_s_median": merges[len(merges) // 2] if merges else None,
             "plan_host_bytes": plan.need("host"), "plan_rows": plan.rows, "peak_pss_bytes": peak.peak_bytes,
-            "peak_groups": groups, "worker_shared": [w["shared_bytes"] for w in workers],
+            "peak_groups": groups, "at_peak": peak.at_peak, "worker_shared": [w["shared_bytes"] for w in workers],
             "ratio": peak.peak_bytes / plan.need("host")}
 
 
@@ -188,6 +190,8 @@ def main() -> int:
     m = machine()
     print(machine_line(m))
     out: dict[str, Any] = {"machine": m, "date": time.strftime("%Y-%m-%d"), "studies": [], "merges": [], "plans": plan_rows()}
+    if not args.shapes and Path(args.out).exists():  # --shapes "": keep the studies measured before
+        out["studies"] = json.loads(Path(args.out).read_text())["studies"]
     for r in out["plans"]:
         print(f"plan {r['model']} x4, {r['gpus_per_worker']} GPU/worker, {r['placement']}->{r['resolved']}: "
               f"{r['gpu_gib']:.1f} GiB per GPU, {r['host_gib']:.0f} GiB host, fits {r['fits']}")

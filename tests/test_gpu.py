@@ -37,3 +37,28 @@ def test_a_worker_on_the_gpu_scores_like_one_on_the_cpu(test_zoo: Path, tmp_path
     for k, v in on_cpu.items():
         assert on_gpu[k].device.type == "cuda"
         assert (on_gpu[k].cpu() - v).abs().max() <= 1e-6, k
+
+
+@pytest.mark.parametrize("placement", ["host", "int8"])
+def test_streamed_placements_merge_on_the_gpu_as_the_device_one_does(test_zoo: Path, tmp_path: Path, placement: str):
+    """bfloat16, task vectors in host memory (pinned where CUDA allows), copied tensor by tensor with the
+    next copy overlapping the current merge: the same bits as the task vectors held on the GPU (int8:
+    as the CPU's int8 merge within a bfloat16 step)."""
+    from mergeopt.space import load_space
+    from mergeopt.worker import TrialWorker
+
+    space = load_space(str(_test_space(tmp_path))).model_copy(update={"dtype": "bfloat16"})
+    params = {**space.baselines()[0], "method": "ties"}
+    streamed = TrialWorker(space.model_copy(update={"placement": placement}).model_dump(mode="json", by_alias=True),
+                           device="cuda")
+    assert streamed.placement == placement and next(iter(streamed.merger.base.values())).device.type == "cpu"
+    ref_space = space.model_copy(update={"placement": "device" if placement == "host" else "int8"})
+    ref = TrialWorker(ref_space.model_dump(mode="json", by_alias=True), device="cuda" if placement == "host" else "cpu")
+    recipe = streamed.space.recipe(params, 3)
+    a, b = dict(streamed.merger.merged(recipe)), dict(ref.merger.merged(recipe))
+    for k, v in b.items():
+        if placement == "host":
+            assert torch.equal(a[k].cpu(), v.cpu()), k
+        else:  # against the CPU's merge: within one bfloat16 step, as the float32 merges agree within 1e-6
+            assert torch.allclose(a[k].cpu().float(), v.float(), rtol=2**-7, atol=1e-6), k
+    assert streamed.run(params, seed=3).state == "complete"

@@ -194,3 +194,66 @@ def test_asking_for_gpus_on_a_node_without_one_names_the_missing_tier(test_zoo: 
     space = load_space(str(zoo_test_space(tmp_path, "g", gpus_per_worker=1)))
     with pytest.raises(UserError, match=r"GPU tier needs .* GiB per GPU, but this node has no GPU \(0.0 GiB free\)"):
         check_memory(space, 1)
+
+
+# Every method's resident merge at float32, before the scale change (commit f9fe3b7: a float32 model,
+# per-worker device copies, TIES from sorted copies), as sha256 prefixes over names and bytes.
+BEFORE_SCALE = {"breadcrumbs": "6c864fb77d313888", "breadcrumbs_ties": "81d3530fe9602b97", "dare_linear": "6559a1f6758cf4a7",
+                "dare_ties": "0e10ab573b3c38c4", "della": "ceefca4cfe6dda2e", "della_linear": "398547a641d26254",
+                "linear": "04164e9eb5610160", "slerp": "f569930f528c7ba1", "task_arithmetic": "f216c94cd11dfa30",
+                "ties": "4f75d5c8a15d78d8"}
+
+
+def _seeded_family(root: Path) -> dict[str, Path]:
+    """Seeded tensors small enough to merge eagerly (no compiler), with zero deltas on one tensor (ties)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.layers.0.mlp.up_proj.weight": (48, 16),
+              "model.layers.1.mlp.up_proj.weight": (48, 16), "model.layers.0.input_layernorm.weight": (16,),
+              "model.layers.1.input_layernorm.weight": (16,)}
+    base = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    out = {}
+    for name in ("base", "a", "b", "c"):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        ts = base if name == "base" else {k: v + torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+        if name != "base":
+            ts["model.layers.0.input_layernorm.weight"] = base["model.layers.0.input_layernorm.weight"].clone()
+        save_file({k: v.contiguous() for k, v in ts.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "vocab_size": 64,
+                                                   "hidden_size": 16}))
+        out[name] = d
+    return out
+
+
+def test_every_method_at_float32_gives_the_bits_it_gave_before_the_scale_change(tmp_path: Path):
+    import hashlib
+
+    from mergeopt.merge import ResidentMerger, open_models
+    from mergeopt.methods import METHODS
+    from mergeopt.recipe import Recipe
+
+    f = _seeded_family(tmp_path)
+    got = {}
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        per = []
+        for i, e in enumerate(["a"] if name == "slerp" else ["a", "b", "c"]):
+            p: dict = {}
+            if "weight" in spec.model_params:
+                p["weight"] = [0.9, -0.6, 0.4][i]
+            if "density" in spec.model_params:
+                p["density"] = 0.45
+            per.append({"model": str(f[e]), "parameters": p})
+        data = {"merge_method": name, "base_model": str(f["base"]), "models": per,
+                "parameters": {"t": 0.3} if name == "slerp" else {}, "seed": 7}
+        if name == "linear":
+            data.pop("base_model")
+        r = Recipe.model_validate(data)
+        h = hashlib.sha256()
+        for n, t in ResidentMerger(*open_models(r)).merged(r):
+            h.update(n.encode())
+            h.update(t.contiguous().numpy().tobytes())
+        got[name] = h.hexdigest()[:16]
+    assert got == BEFORE_SCALE

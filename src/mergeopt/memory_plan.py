@@ -22,7 +22,8 @@ RAY_RUNTIME = 450 * MIB  # Ray's own processes on a node (GCS, raylet, its agent
 CUDA_CONTEXT = 600 * MIB  # per GPU a worker uses (estimate)
 ACTIVATIONS = 0.25  # evaluation's activations and caches, as a share of the model's bytes
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
-DEVICE_BLOCK = 1 << 24  # entries per eager merge block on a GPU (methods.fused.DEVICE_CHUNK)
+DEVICE_BLOCK = 1 << 24
+LOADING = "host, loading"  # host memory used only while the driver loads, before any worker starts  # entries per eager merge block on a GPU (methods.fused.DEVICE_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Setup:
     placement: str = "auto"
     workers: int = 1
     gpus_per_worker: int = 0  # 0: CPU workers
+    workers_per_gpu: int = 1  # gpus_per_worker below 1 (0.5: two workers share each GPU)
     ties: bool = False  # a method selects magnitude thresholds (TIES working memory)
     ray: bool = True  # Ray's processes and its object store (else one worker in the driver)
 
@@ -84,8 +86,10 @@ class Setup:
 
         g = space.search.gpus_per_worker
         per = int(math.ceil(g)) if g is not None else (1 if gpus else 0)
+        share = int(round(1 / g)) if g is not None and 0 < g < 1 else 1
         return cls(experts=len(space.models), dtype=space.dtype, placement=space.placement, workers=workers,
-                   gpus_per_worker=per, ties=bool(RANKED_METHODS.intersection(space.methods)), ray=ray)
+                   gpus_per_worker=per, workers_per_gpu=share, ties=bool(RANKED_METHODS.intersection(space.methods)),
+                   ray=ray)
 
 
 @dataclass
@@ -93,7 +97,8 @@ class Plan:
     setup: Setup
     placement: str  # resolved: device, host or int8
     node: Node
-    # (tier, item, bytes per worker, bytes per node); tier: gpu (per GPU of a worker) | host | object store
+    # (tier, item, bytes per worker, bytes per node); tier: gpu (per GPU of a worker) | host | object store |
+    # host, loading
     rows: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def need(self, tier: str) -> float:
@@ -101,7 +106,13 @@ class Plan:
         `host`; in Ray's object store for `object store`."""
         if tier == "gpu":
             return sum(w for t, _, w, _ in self.rows if t == "gpu")
-        return sum(n for t, _, _, n in self.rows if t == tier or (tier == "host" and t == "object store"))
+        if tier != "host":
+            return sum(n for t, _, _, n in self.rows if t == tier)
+        # The driver's tensor in flight is gone before the workers start: the larger of the two phases counts.
+        common = sum(n for t, _, w, n in self.rows if t in ("host", "object store") and not w)
+        workers = sum(n for t, _, w, n in self.rows if t == "host" and w)
+        loading = sum(n for t, _, _, n in self.rows if t == LOADING)
+        return common + max(workers, loading)
 
     def free(self, tier: str) -> float:
         return self.node.gpu_free if tier == "gpu" else self.node.host_free
@@ -154,7 +165,8 @@ def _plan(size: ModelSize, s: Setup, node: Node) -> Plan:
     # Host memory, once per node: the base and task vectors (mapped by every worker), the driver, Ray.
     rows.append((store, "base (shared by the node's workers)", 0, p * e))
     rows.append((store, f"task vectors, {k} x {'int8 + row scales' if s.placement == 'int8' else s.dtype}", 0, taus))
-    rows.append(("host", "driver (runtime, one tensor in flight)", 0, DRIVER_RUNTIME + big * (3 * 4 + k * e)))
+    rows.append(("host", "driver runtime", 0, DRIVER_RUNTIME))
+    rows.append((LOADING, "driver: one tensor in flight (before workers start)", 0, big * (3 * 4 + k * e)))
     if s.ray:
         rows.append(("host", "Ray's processes", 0, RAY_RUNTIME))
     ties = 4 * big if s.ties else 0  # |tau| of the tensor being merged, in float32 (selection runs on a sliver)
@@ -179,7 +191,8 @@ def _plan(size: ModelSize, s: Setup, node: Node) -> Plan:
     gpu.append(("merge temporaries", 4 * min(big, DEVICE_BLOCK) * (k + 4)))
     if ties:
         gpu.append(("TIES working memory (float32 |tau| of one tensor)", ties))
-    rows += [("gpu", item, b, w * g * b) for item, b in gpu]
+    share = s.workers_per_gpu  # workers sharing one GPU: the per-GPU need is theirs together
+    rows += [("gpu", item + (f" x {share} workers" if share > 1 else ""), share * b, w * g * b) for item, b in gpu]
     return out
 
 
