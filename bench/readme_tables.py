@@ -149,10 +149,22 @@ def int8_error(d: dict) -> str:
                       + ", ".join(f"{k} {diffs[k]:.3f}" for k in top) + f" | {diffs['combined']:.3f} |"])
 
 
+def engine(d: dict) -> str:
+    lines = ["| engine | start-up | merge | weight push + read-back check | evaluation | per candidate |",
+             "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        push = f"{r['push_s'] * 1000:.0f} ms" if r["engine"] == "vllm" else "-"
+        lines.append(f"| {r['engine']} | {r['startup_s']:.1f} s | {r['merge_s'] * 1000:.0f} ms | {push} | "
+                     f"{r['eval_s'] * 1000:.0f} ms | {r['candidate_s'] * 1000:.0f} ms |")
+    lines += ["", f"hf / vllm per candidate: {d['hf_over_vllm']:.2f}× ({d['rows'][0]['candidates']} candidates each)."]
+    return "\n".join(lines)
+
+
 RENDER: dict[str, Callable] = {"merge_speed": merge_speed, "mergekit_parity": mergekit_parity,
                                "eval_overhead": eval_overhead, "search_overhead": search_overhead,
                                "search_efficiency": search_efficiency, "paper_table": paper_table,
-                               "resume_soak": resume_soak, "scale": scale, "int8_error": int8_error}
+                               "resume_soak": resume_soak, "scale": scale, "int8_error": int8_error,
+                               "engine": engine}
 
 
 def main() -> int:

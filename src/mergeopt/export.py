@@ -281,7 +281,7 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
         raise VerificationError(f"trial {trial.number}: re-materialized {k} = {result.metrics.get(k)!r}, the study "
                                 f"recorded {trial.user_attrs['metrics'][k]!r}; the merge or the evaluation is not reproducible")
     test_assets = resolve_assets(space.evaluation, "test")
-    test_ev = Evaluator(worker.model, worker.tok, test_assets, device=worker.device)
+    test_ev = Evaluator(worker.model, worker.tok, test_assets, device=worker.device, engine=worker.engine)
     test = test_ev.evaluate()
     test["combined"] = combined_score(space, test)
     hub_results = eval_results(test_ev, test)
@@ -291,7 +291,8 @@ def export(space: Space, study: optuna.Study, run_dir: Path, *, trial_number: in
         merge_to_folder(recipe, tmp, force=True, max_shard_bytes=2 * 1024**3, recipe_text=shown.to_yaml(),
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         # The written weights must be the evaluated ones, bit for bit.
-        state = {k: v.detach().cpu() for k, v in worker.model.state_dict().items()}
+        state = (worker.engine.read() if worker.engine is not None else  # what the engine computes with
+                 {k: v.detach().cpu() for k, v in worker.model.state_dict().items()})
         for f in sorted(tmp.glob("*.safetensors")):
             with safe_open(f, "pt") as fh:
                 for k in fh.keys():

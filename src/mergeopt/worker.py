@@ -120,23 +120,32 @@ class TrialWorker:
             self.placement = worker_placement(self.space, base_ck, self.device, gpus)
             base_ck, self.merger = load_resident(self.space, device=self.device, placement=self.placement,
                                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        # The resident model in the study's dtype; several GPUs per worker: sharded by accelerate's device
-        # map, and each tensor merged on its layer's GPU (the merger fetches to the buffer's device).
-        sharded = gpus > 1
-        self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=dtype,
-                                                          use_safetensors=None if allow_pickle else True,
-                                                          trust_remote_code=trust_remote_code,
-                                                          **({"device_map": "auto"} if sharded else {}))
-        if not sharded:
-            self.model.to(self.device)
-        self.model.eval()
+        self.engine = None
+        if self.space.evaluation.engine == "vllm":  # the engine holds the evaluated weights; no HF model
+            from .evaluation.vllm_engine import VllmEngine
+
+            self.model = None
+            self.engine = VllmEngine(base_ck.path, dtype=self.space.dtype, tensor_parallel_size=max(1, gpus))
+        else:
+            # The resident model in the study's dtype; several GPUs per worker: sharded by accelerate's device
+            # map, and each tensor merged on its layer's GPU (the merger fetches to the buffer's device).
+            sharded = gpus > 1
+            self.model = AutoModelForCausalLM.from_pretrained(base_ck.path, dtype=dtype,
+                                                              use_safetensors=None if allow_pickle else True,
+                                                              trust_remote_code=trust_remote_code,
+                                                              **({"device_map": "auto"} if sharded else {}))
+            if not sharded:
+                self.model.to(self.device)
+            self.model.eval()
         self.tok = AutoTokenizer.from_pretrained(base_ck.path, trust_remote_code=trust_remote_code)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
-        self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device)
+        self.evaluator = Evaluator(self.model, self.tok, resolve_assets(self.space.evaluation, split), device=self.device,
+                                   engine=self.engine)
         self.forward_s = 0.0
-        time_forward(self.model, self)
+        if self.model is not None:
+            time_forward(self.model, self)
         self.node = _node_id()
         self.startup_s = time.perf_counter() - t0
 
@@ -175,7 +184,10 @@ class TrialWorker:
         out = TrialResult(state="fail", worker=self.worker_id, pid=os.getpid(), node=self.node)
         recipe = self.space.recipe(params, seed)
         faults.point("merge")
-        self.merger.merge_into(self.model, recipe)
+        if self.engine is not None:  # streamed into the running engine, then read back and compared
+            self.engine.verify(self.engine.push(self.merger.merged(recipe)))
+        else:
+            self.merger.merge_into(self.model, recipe)
         if torch.device(self.device).type == "cuda":  # the merge's kernels, not only their launch
             torch.cuda.synchronize()
         t1 = time.perf_counter()

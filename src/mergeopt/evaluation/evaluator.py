@@ -51,15 +51,17 @@ def _split_indices(n: int, fraction: float | None, seed: int, key: str) -> tuple
 
 
 class Evaluator:
-    def __init__(self, model, tokenizer, assets: EvalAssets, *, device: str = "cpu"):
+    def __init__(self, model, tokenizer, assets: EvalAssets, *, device: str = "cpu", engine=None):
         if not assets.tasks and not assets.harmful and not assets.benign:
             raise UserError(f"evaluation.{assets.split}: nothing to evaluate; name tasks or prompt files")
         self.assets = assets
         self.chat = apply_prompt_format(tokenizer, assets.chat_template, where="the evaluated model")
         self.helpfulness = (LmEvalHelpfulness(model, tokenizer, assets.tasks, assets.include_path,
-                                              batch_size=assets.config.batch_size, device=device, chat=self.chat)
+                                              batch_size=assets.config.batch_size, device=device, chat=self.chat,
+                                              lm=engine.lm_eval_model(tokenizer, batch_size=assets.config.batch_size)
+                                              if engine is not None else None)
                             if assets.tasks else None)
-        self.safety = SafetyScorer(model, tokenizer, assets, chat=self.chat)
+        self.safety = SafetyScorer(model, tokenizer, assets, chat=self.chat, engine=engine, device=device)
         frac, seed = assets.config.subset_fraction, assets.config.subset_seed
         self.stages: dict[str, dict[str, dict[str, list[int]]]] = {"subset": {}, "rest": {}}
         sets = {"harmful": assets.harmful, "benign": assets.benign}

@@ -197,7 +197,7 @@ class LmEvalHelpfulness:
     for results.json."""
 
     def __init__(self, model, tokenizer, tasks: dict[str, list[str]], include_path: str | None, *, batch_size: int = 128,
-                 device: str = "cpu", chat: bool = False):
+                 device: str = "cpu", chat: bool = False, lm=None):
         from lm_eval.tasks import TaskManager
 
         for name in ("lm_eval", "lm-eval"):
@@ -205,7 +205,8 @@ class LmEvalHelpfulness:
         _cache_lm_eval_templates()
         _cache_sample_log()
         # add_bos_token as lm-eval's CLI leaves it (the tokenizer's own), so `lm_eval` on an export agrees
-        self.lm = _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+        self.lm = lm if lm is not None else _greedy_hflm()(pretrained=model, tokenizer=tokenizer, device=device,
+                                                            batch_size=batch_size)
         self.chat = chat  # lm-eval's apply_chat_template: the tokenizer carries the study's format
         tm = TaskManager(include_path=include_path, include_defaults=include_path is None)
         check_task_names(tm, tasks)

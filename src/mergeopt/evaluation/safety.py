@@ -14,9 +14,10 @@ from .prompt_format import format_prompt
 
 
 class SafetyScorer:
-    def __init__(self, model, tokenizer, assets: EvalAssets, *, chat: bool):
-        self.model, self.tok, self.assets, self.chat = model, tokenizer, assets, chat
-        self.judge = build_judge(assets.judge, device=str(model.device)) if assets.config.mode == "generate" else None
+    def __init__(self, model, tokenizer, assets: EvalAssets, *, chat: bool, engine=None, device: str = "cpu"):
+        self.model, self.tok, self.assets, self.chat, self.engine = model, tokenizer, assets, chat, engine
+        where = str(model.device) if model is not None else device
+        self.judge = build_judge(assets.judge, device=where) if assets.config.mode == "generate" else None
         self._encoded: dict[tuple[int, ...], tuple[list[PromptRow], list[Batch]]] = {}
         self._decoded = Memo()  # token ids -> text, across candidates
         self._labels = Memo()  # (prompt, language, answer, response) -> the judge's label
@@ -30,7 +31,7 @@ class SafetyScorer:
         key = tuple(map(id, rows))
         hit = self._encoded.get(key)
         if hit is None or any(a is not b for a, b in zip(hit[0], rows, strict=True)):
-            dev = self.model.device
+            dev = self.model.device if self.model is not None else "cpu"
             # a chat template writes its own special tokens; a raw prompt gets the tokenizer's (as lm-eval does)
             batches = encode_prompts(self.tok, self._texts(rows), batch_size=self.assets.config.batch_size,
                                      add_special_tokens=not self.chat)
@@ -56,8 +57,12 @@ class SafetyScorer:
             lc = continuation_logprobs(self.model, self.tok, texts, comply, a.config.batch_size)
             return [Label.REFUSED if x >= y else Label.COMPLIED for x, y in zip(lr, lc, strict=True)]
         faults.point("generation")
-        responses = generate_encoded(self.model, self.tok, self._batches(rows),
-                                     max_new_tokens=a.config.max_new_tokens, decoded=self._decoded)
+        if self.engine is not None:  # the same token ids, EOS rule and decoding as the HF loop
+            responses = self.engine.generate_encoded(self.tok, self._batches(rows), max_new_tokens=a.config.max_new_tokens,
+                                                     decoded=self._decoded)
+        else:
+            responses = generate_encoded(self.model, self.tok, self._batches(rows),
+                                         max_new_tokens=a.config.max_new_tokens, decoded=self._decoded)
         faults.point("judge")
         if hasattr(self.judge, "label_many"):
             return self.judge.label_many([r.prompt for r in rows], responses, kinds=kinds or ["harmful"] * len(rows),

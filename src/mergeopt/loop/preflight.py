@@ -53,6 +53,7 @@ def check_assets(space: Space, *, trust_remote_code: bool = False) -> None:
     from ..evaluation.assets import resolve_assets
 
     assets = resolve_assets(space.evaluation, "validation")
+    check_engine(space)
     check_prompt_format(space, assets, trust_remote_code=trust_remote_code)
     check_judge_markers(assets)
     judge = assets.judge
@@ -111,3 +112,16 @@ def check_judge_markers(assets) -> None:
                 raise UserError(f"evaluation.judge.compliance: no compliance markers for language {lang!r}, whose "
                                 f"{kind} prompts have no expected `answer`; list the phrases an answer in {lang!r} "
                                 "contains, or give each prompt its answer")
+
+
+def check_engine(space: Space) -> None:
+    """`evaluation.engine: vllm` needs vLLM in this environment (and on every worker), and generates."""
+    if space.evaluation.engine != "vllm":
+        return
+    from ..evaluation.vllm_engine import INSTALL, missing
+
+    why = missing()
+    if why:
+        raise UserError(f"evaluation.engine: vllm: {why}; install it with: {INSTALL}")
+    if space.evaluation.mode != "generate":
+        raise UserError("evaluation.mode: loglik scores with the transformers model; use engine: hf, or mode: generate")

