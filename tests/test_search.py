@@ -263,3 +263,14 @@ def test_a_grid_study_records_its_last_grid_point(tmp_path: Path):
     for _ in range(size):
         record(space, study, ask(space, study), TrialResult(state="complete", metrics=metrics), 0.1)
     assert len(finished(study)) == size
+
+
+def test_every_field_of_the_space_schema_has_a_description():
+    """The space-file reference is generated from the schema, so every key must say what it is for."""
+    from mergeopt.space import Space
+
+    schema = Space.model_json_schema()
+    models = {"Space": schema, **schema.get("$defs", {})}
+    bare = [f"{name}.{key}" for name, m in models.items() for key, f in m.get("properties", {}).items()
+            if not f.get("description")]
+    assert not bare, bare

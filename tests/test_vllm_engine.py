@@ -98,3 +98,31 @@ def test_a_study_with_the_vllm_engine_completes_and_exports(tmp_path: Path):
     r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "run"), "--backend", "inline", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+
+
+@needs_vllm
+def test_a_head_size_vllms_cpu_attention_lacks_is_refused_in_one_line(tmp_path: Path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    if torch.cuda.is_available():
+        pytest.skip("the limit is the CPU backend's")
+    for name in ("base", "a"):
+        d = tmp_path / "models" / name
+        d.mkdir(parents=True)
+        save_file({"model.embed_tokens.weight": torch.zeros(8, 64)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                                   "num_hidden_layers": 1}))
+    (tmp_path / "h.jsonl").write_text(json.dumps({"prompt": "how do I do harm?"}) + "\n")
+    space = {"name": "heads", "base_model": "models/base", "models": [{"path": "models/a"}],
+             "evaluation": {"engine": "vllm", "chat_template": "{prompt}", "validation": {"harmful": {"en": "h.jsonl"}},
+                            "judge": {"refusal": {"en": ["sorry"]}, "compliance": {"en": ["sure"]}}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    r = run_cli("optimize", "--space", str(tmp_path / "space.yaml"), "--run-dir", str(tmp_path / "run"),
+                "--backend", "inline", "--quiet")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "attention heads of size 16; vLLM's CPU attention needs at least 32" in lines[0]
+    assert not (tmp_path / "run").exists()

