@@ -126,3 +126,36 @@ def test_a_head_size_vllms_cpu_attention_lacks_is_refused_in_one_line(tmp_path: 
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "attention heads of size 16; vLLM's CPU attention needs at least 32" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@needs_vllm
+def test_a_multiple_choice_task_scores_the_same_through_the_engine(workers, tmp_path: Path):
+    """lm-eval's loglikelihood requests (prompt log-probabilities) through the engine, against HF."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from mergeopt.evaluation.assets import resolve_assets
+    from mergeopt.evaluation.evaluator import Evaluator
+    from mergeopt.refs import resolve_model_path, zoo_evaluation
+    from mergeopt.space import EvaluationConfig
+
+    _, _, vl = workers
+    ev = zoo_evaluation("default", "validation")
+    src = Path(ev["include_path"]) / "zoo_help_en_validation.yaml"
+    spec = yaml.safe_load(src.read_text())
+    for key in ("tag", "generation_kwargs", "filter_list"):
+        spec.pop(key, None)
+    spec.update(task="zoo_help_en_mc", output_type="multiple_choice", doc_to_choice="{{[answer, 'yes', 'no']}}",
+                doc_to_target=0, metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
+    (tmp_path / "mc.yaml").write_text(yaml.safe_dump(spec))
+    cfg = EvaluationConfig(include_path=str(tmp_path), chat_template=ev["chat_template"] + " ",
+                           validation={"tasks": {"en": "zoo_help_en_mc"}})
+    folder = resolve_model_path("zoo:help_en")
+    weights = load_file(str(folder / "model.safetensors"))
+    vl.engine.verify(vl.engine.push(iter(sorted(weights.items()))))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    a = Evaluator(hf, vl.tok, resolve_assets(cfg, "validation")).evaluate()
+    b = Evaluator(None, vl.tok, resolve_assets(cfg, "validation"), engine=vl.engine).evaluate()
+    assert 0 < a["helpfulness"] <= 1
+    assert b["helpfulness"] == pytest.approx(a["helpfulness"], abs=0.01)
