@@ -103,3 +103,52 @@ def hv_curve(space: Space, study: optuna.Study, n: int) -> list[float]:
             hv = hypervolume(space, pts)
         curve.append(hv)
     return curve + [hv] * (n - len(curve))
+
+
+PAPER_GRID = (0.0, 0.3, 0.5, 0.7, 1.0)  # the papers' hand grid per objective weight
+
+
+def objective_grid(space: Space) -> list[dict[str, Any]]:
+    """The papers' 25-cell grid: task arithmetic, one weight for the helpful experts and one for the
+    safety expert, each in PAPER_GRID (every layer group alike)."""
+    helpful = [x.key for x in space.models if x.objective != "safety"]
+    safety = [x.key for x in space.models if x.objective == "safety"]
+    return [recipe_params(space, "task_arithmetic", {**dict.fromkeys(helpful, h), **dict.fromkeys(safety, s)})
+            for h in PAPER_GRID for s in PAPER_GRID]
+
+
+def prefix_pick(space: Space, study: optuna.Study, n: int) -> optuna.trial.FrozenTrial | None:
+    """The study's pick (best combined score on the Pareto front) had it stopped after n trials."""
+    from mergeopt.objectives import pareto_mask
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.number < n]
+    if not done:
+        return None
+    mask = pareto_mask(space, [objective_values(space, t.user_attrs["metrics"]) for t in done])
+    return min((t for t, m in zip(done, mask, strict=True) if m),
+               key=lambda t: (-t.user_attrs["metrics"]["combined"], t.number))
+
+
+def test_worker(space: Space):
+    """A worker in this process that scores parameters on the held-out test split."""
+    import torch
+
+    from mergeopt.worker import TrialWorker
+
+    torch.set_num_threads(1)
+    return TrialWorker(space.model_dump(mode="json", by_alias=True), split="test", worker_id=-1)
+
+
+def score_model(worker, ref: str) -> dict[str, float]:
+    """A saved model's metrics on the worker's split (loaded into its resident model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergeopt.objectives import combined_score
+    from mergeopt.refs import resolve_model_path
+
+    src = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
+    worker.model.load_state_dict(src.state_dict())
+    metrics = dict(worker.evaluator.evaluate())
+    metrics["combined"] = combined_score(worker.space, metrics)
+    return metrics

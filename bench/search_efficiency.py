@@ -1,4 +1,15 @@
-"""Search efficiency: hypervolume against trials spent, per sampler, on the embedded study.
+"""Search efficiency on the embedded study, in two parts.
+
+`--part picks` (the product's claim): does a search's pick beat the papers' hand grid on the held-out
+test split? Each sampler searches the embedded study (`flat`: a weight per expert, a density per expert,
+objective coefficients) and its layer-wise form (`layer`: weight and density per expert and layer
+group, 4 groups on the 4-layer default zoo: 41 dimensions), 5 seeds each, for the largest budget. Its pick
+after the first 40, 100 and 200 trials (best combined score on the Pareto front of those trials,
+chosen on validation) is scored on test, against the best cell of the papers' 25-cell grid (chosen on
+validation, scored on test) and the data-mix model. No sampler's settings depend on the budget at these
+sizes (start-up trials: the baselines + 10), so a run's first 40 trials are a 40-trial run.
+
+`--part hypervolume`: hypervolume against trials spent, per sampler.
 
 A reference front comes from a dense grid of recipes: for every method of the space and a few
 densities, a shared weight per objective group (the helpful language experts, the safety expert) on
@@ -7,12 +18,15 @@ same warm workers, and we count the trials it needs to reach 95% of the grid's h
 up, harm down, reference point (0, 1)). `cmaes` optimises the combined score, as mergekit-evolve and
 Sakana's evolutionary merging do; its hypervolume is read from the same two objectives.
 
-    python bench/search_efficiency.py [--budget 60] [--seeds 5] [--samplers tpe,nsga2,gp,random,cmaes]
+    python bench/search_efficiency.py [--part picks|hypervolume|all] [--seeds 5]
+        [--budgets 40,100,200] [--spaces flat,layer] [--samplers surrogate,cmaes,tpe,gp,random]
+        [--budget 60 --hv-samplers cmaes,tpe,nsga2,gp,random]   (hypervolume part)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -26,9 +40,13 @@ from common import (  # noqa: E402
     hv_curve,
     machine,
     machine_line,
+    objective_grid,
+    prefix_pick,
     ray_pool,
     recipe_params,
     run_recipes,
+    score_model,
+    test_worker,
     with_search,
     write_json,
 )
@@ -85,16 +103,7 @@ def plot(curves: dict[str, list[list[float]]], ref: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default="search_spaces/safety_multilingual.yaml")
-    ap.add_argument("--budget", type=int, default=60, help="trials per sampler run")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--samplers", default="cmaes,tpe,nsga2,gp,random")
-    ap.add_argument("--levels", type=int, default=7, help="grid points per objective group")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json", default="runs/bench/search_efficiency.json")
-    args = ap.parse_args()
+def hypervolume_part(args: argparse.Namespace) -> None:
     space = load_space(args.space)
     m = machine()
     print(f"machine: {machine_line(m)}; {args.workers} workers")
@@ -113,7 +122,7 @@ def main() -> None:
             curves: dict[str, list[list[float]]] = {}
             rows = []
             default = space.search.sampler
-            for sampler in args.samplers.split(","):
+            for sampler in args.hv_samplers.split(","):
                 curves[sampler] = []
                 for seed in range(args.seeds):
                     from mergeopt.search import run_study
@@ -167,6 +176,120 @@ def main() -> None:
                      "grid_best_params": best_grid.params, "summary": summary, "runs": rows,
                      "seconds": time.perf_counter() - t_all})
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def layer_wise(space: Space, groups: int) -> Space:
+    data = space.model_dump(mode="json", by_alias=True)
+    data["ranges"].update({"layer_groups": groups, "layer_wise": ["weight", "density"]})
+    return Space.model_validate(data)
+
+
+def picks_part(args: argparse.Namespace) -> None:
+    import torch
+
+    from mergeopt.search import run_study
+    from mergeopt.zoo.modeling import SIZES
+
+    base = load_space(args.space)
+    groups = SIZES[base.evaluation.zoo or "default"].layers
+    spaces = {"flat": base, "layer": layer_wise(base, groups)}
+    budgets = [int(b) for b in args.budgets.split(",")]
+    m = machine()
+    print(f"machine: {machine_line(m)}; {args.workers} workers; budgets {budgets}; {args.seeds} seeds")
+    t_all = time.perf_counter()
+    torch.set_num_threads(1)
+    test = test_worker(base)
+    data_mix = score_model(test, "zoo:data_mix" if base.evaluation.zoo == "default" else f"zoo-{base.evaluation.zoo}:data_mix")
+    memo: dict[tuple, dict] = {}
+
+    def on_test(space: Space, trial) -> dict:
+        key = (json.dumps(space.recipe(trial.params, 0).model_dump(mode="json"), sort_keys=True), trial.user_attrs["seed"])
+        if key not in memo:
+            test.space = space  # same models and evaluation; only the parameters' names differ
+            memo[key] = test.run(trial.params, int(trial.user_attrs["seed"])).metrics
+        return memo[key]
+
+    runs, grid = [], {}
+    pool = ray_pool(spaces["layer"], args.workers)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            gstudy = run_recipes(base, objective_grid(base), Path(d) / "grid", pool)
+            gbest = max(completed(gstudy), key=lambda t: (t.user_attrs["metrics"]["combined"], -t.number))
+            gtest = on_test(base, gbest)
+            grid = {"validation_combined": gbest.user_attrs["metrics"]["combined"], "test": gtest,
+                    "params": gbest.params, "evaluations": len(objective_grid(base))}
+            print(f"grid (25 cells): validation {grid['validation_combined']:+.3f}, test {gtest['combined']:+.3f}; "
+                  f"data mix test {data_mix['combined']:+.3f}")
+            for sname in args.spaces.split(","):
+                space = spaces[sname]
+                for sampler in args.samplers.split(","):
+                    for seed in range(args.seeds):
+                        n = max(budgets)
+                        s = with_search(space, sampler=sampler, seed=seed, n_trials=n)
+                        t = time.perf_counter()
+                        study = run_study(s, Path(d) / f"{sname}-{sampler}-{seed}", n_trials=n, workers=pool.size, pool=pool)
+                        secs = time.perf_counter() - t
+                        row = {"space": sname, "sampler": sampler, "seed": seed, "seconds": secs, "picks": {}}
+                        for b in budgets:
+                            best = prefix_pick(s, study, b)
+                            met = on_test(s, best)
+                            row["picks"][str(b)] = {"trial": best.number, "method": best.params.get("method"),
+                                                    "validation_combined": best.user_attrs["metrics"]["combined"],
+                                                    "test": met}
+                        runs.append(row)
+                        print(f"  {sname:5s} {sampler:9s} seed {seed}: " + "; ".join(
+                            f"{b}: val {p['validation_combined']:+.3f} test {p['test']['combined']:+.3f}"
+                            for b, p in row["picks"].items()) + f" ({secs:.0f} s)")
+    finally:
+        pool.close()
+    g, mix = grid["test"]["combined"], data_mix["combined"]
+    summary = []
+    for sname in args.spaces.split(","):
+        for sampler in args.samplers.split(","):
+            rs = [r for r in runs if r["space"] == sname and r["sampler"] == sampler]
+            for b in budgets:
+                vals = [r["picks"][str(b)]["test"]["combined"] for r in rs]
+                mean = float(np.mean(vals))
+                summary.append({"space": sname, "sampler": sampler, "budget": b, "mean_test_combined": mean,
+                                "per_seed": vals, "margin_over_grid": mean - g,
+                                "gap_closed": (mean - g) / (mix - g) if mix != g else None,
+                                "mean_validation_combined": float(np.mean(
+                                    [r["picks"][str(b)]["validation_combined"] for r in rs])),
+                                "mean_seconds": float(np.mean([r["seconds"] for r in rs]))})
+    print(f"\ntest combined of the pick, mean over {args.seeds} seeds (grid {g:+.3f}, data mix {mix:+.3f}):")
+    for s in summary:
+        print(f"  {s['space']:5s} {s['sampler']:9s} {s['budget']:4d} trials: {s['mean_test_combined']:+.3f} "
+              f"({s['margin_over_grid']:+.3f} over the grid; {s['gap_closed']:.0%} of the gap to the data mix)")
+    at40 = [s for s in summary if s["budget"] == min(budgets)]
+    best40 = max(at40, key=lambda s: s["mean_test_combined"])
+    print(f"best within {min(budgets)} evaluations: {best40['space']} {best40['sampler']} "
+          f"{best40['margin_over_grid']:+.3f} over the grid (target +0.05): "
+          f"{'met' if best40['margin_over_grid'] >= 0.05 else 'NOT met'}")
+    write_json(args.picks_json, {"machine": m, "space": args.space, "layer_groups": groups, "budgets": budgets,
+                                 "seeds": args.seeds, "grid": grid, "data_mix": data_mix, "summary": summary,
+                                 "runs": runs, "seconds": time.perf_counter() - t_all})
+    print(f"wrote {args.picks_json}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("picks", "hypervolume", "all"), default="all")
+    ap.add_argument("--space", default="search_spaces/safety_multilingual.yaml")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--budgets", default="40,100,200", help="picks: trials after which each run's pick is scored")
+    ap.add_argument("--spaces", default="flat,layer", help="picks: flat, layer (layer-wise weight and density)")
+    ap.add_argument("--samplers", default="surrogate,cmaes,tpe,gp,random", help="picks: samplers compared")
+    ap.add_argument("--picks-json", default="runs/bench/search_picks.json")
+    ap.add_argument("--budget", type=int, default=60, help="hypervolume: trials per sampler run")
+    ap.add_argument("--hv-samplers", default="cmaes,surrogate,tpe,nsga2,gp,random")
+    ap.add_argument("--levels", type=int, default=7, help="hypervolume: grid points per objective group")
+    ap.add_argument("--json", default="runs/bench/search_efficiency.json")
+    args = ap.parse_args()
+    if args.part in ("picks", "all"):
+        picks_part(args)
+    if args.part in ("hypervolume", "all"):
+        hypervolume_part(args)
 
 
 if __name__ == "__main__":

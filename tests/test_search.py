@@ -189,7 +189,7 @@ def test_a_study_recorded_under_other_merge_rules_is_read_but_not_resumed(test_z
     assert open_study(space, run, merging=False).user_attrs["merge_rules"] == MERGE_RULES - 1
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "surrogate"])
 def test_enqueued_baselines_do_not_starve_the_method_categorical(sampler: str):
     """The baselines all use the first method; a model-based sampler that counted them as its start-up
     trials never tried another method (TPE: 80 of 80 task_arithmetic over 20 seeds). Here every seed
@@ -212,7 +212,7 @@ def test_enqueued_baselines_do_not_starve_the_method_categorical(sampler: str):
         for _ in range(20 if sampler == "tpe" else 14):
             trial = study.ask(space.distributions())
             methods.append(trial.params["method"])
-            study.tell(trial, [rng.random(), rng.random()])
+            study.tell(trial, [rng.random() for _ in directions(space)])
         assert len(set(methods[len(space.baselines()):])) >= 2, (seed, methods)
 
 
@@ -274,3 +274,21 @@ def test_every_field_of_the_space_schema_has_a_description():
     bare = [f"{name}.{key}" for name, m in models.items() for key, f in m.get("properties", {}).items()
             if not f.get("description")]
     assert not bare, bare
+
+
+def test_layer_wise_density_is_one_parameter_per_expert_and_group_and_reaches_the_recipe():
+    from mergeopt.space import Space, load_space
+
+    data = load_space("safety_multilingual").model_dump(mode="json", by_alias=True)
+    data["ranges"].update({"layer_groups": 4, "layer_wise": ["weight", "density"]})
+    space = Space.model_validate(data)
+    names = list(space.distributions())
+    assert sum(n.startswith("weight/help_en/") for n in names) == 4
+    assert sum(n.startswith("density/safety/") for n in names) == 4
+    assert "density/safety" not in names
+    params = {n: (0.5 if n != "method" else "ties") for n in names}
+    params.update({f"density/safety/{g}": 0.2 + 0.2 * g for g in range(4)})
+    recipe = space.recipe(params, seed=0)
+    safety = next(m for m in recipe.models if m.model == "zoo:safety")
+    assert safety.parameters["density"] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert len(space.baselines()) == 5 and all(len(b) == len(names) for b in space.baselines())

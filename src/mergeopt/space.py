@@ -75,6 +75,8 @@ class Ranges(Strict):
         "a factor per objective tag (helpful, safety, ...), on the weight of every expert with that objective"))
     layer_groups: int = Field(1, ge=1, le=16, description=(
         "above 1: each expert's weight is searched per group of consecutive layers (a list over the groups)"))
+    layer_wise: list[Literal["weight", "density"]] = Field(["weight"], min_length=1, description=(
+        "which per-expert parameters layer_groups splits per group: weight, and density too for TIES and DARE"))
     per_model: dict[str, dict[Literal["weight", "density"], Searchable]] = Field(default_factory=dict, description=(
         "model name -> its own weight or density, overriding the ranges above for that expert"))
 
@@ -298,6 +300,9 @@ class Space(Strict):
     def uses_density(self) -> bool:
         return any("density" in get_method(m).model_params for m in self.methods)
 
+    def _groups(self, parameter: str) -> int:
+        return self.ranges.layer_groups if parameter in self.ranges.layer_wise else 1
+
     def distributions(self) -> dict[str, Any]:
         """Parameter name -> Optuna distribution (fixed values are not searched)."""
         import optuna.distributions as od
@@ -314,12 +319,13 @@ class Space(Strict):
         for m in self.models:
             over = r.per_model.get(m.key, {})
             w = over.get("weight", r.weight)
-            for g in range(r.layer_groups):
-                name = f"weight/{m.key}" if r.layer_groups == 1 else f"weight/{m.key}/{g}"
+            for g in range(self._groups("weight")):
+                name = f"weight/{m.key}" if self._groups("weight") == 1 else f"weight/{m.key}/{g}"
                 if (d := dist(w)) is not None:
                     out[name] = d
             if self.uses_density() and (d := dist(over.get("density", r.density))) is not None:
-                out[f"density/{m.key}"] = d
+                for g in range(self._groups("density")):
+                    out[f"density/{m.key}" if self._groups("density") == 1 else f"density/{m.key}/{g}"] = d
         if (d := dist(r.lambda_)) is not None and any(m != "linear" and m != "slerp" for m in self.methods):
             out["lambda"] = d
         if "slerp" in self.methods and (d := dist(r.t)) is not None:
@@ -344,16 +350,18 @@ class Space(Strict):
         for m in self.models:
             over = r.per_model.get(m.key, {})
             w = over.get("weight", r.weight)
-            if r.layer_groups == 1:
+            if self._groups("weight") == 1:
                 weight: float | list[float] = value(f"weight/{m.key}", w)
             else:
-                weight = [value(f"weight/{m.key}/{g}", w) for g in range(r.layer_groups)]
+                weight = [value(f"weight/{m.key}/{g}", w) for g in range(self._groups("weight"))]
             p: dict[str, Any] = {}
             spec = get_method(method)
             if "weight" in spec.model_params:
                 p["weight"] = weight
             if "density" in spec.model_params:
-                p["density"] = value(f"density/{m.key}", over.get("density", r.density))
+                dens = over.get("density", r.density)
+                p["density"] = (value(f"density/{m.key}", dens) if self._groups("density") == 1
+                                else [value(f"density/{m.key}/{g}", dens) for g in range(self._groups("density"))])
             models.append({"model": m.path, "parameters": p, "language": m.language, "objective": m.objective})
         spec = get_method(method)
         glob: dict[str, Any] = {}

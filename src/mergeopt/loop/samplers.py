@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from .surrogate import SurrogateSampler
+
 if TYPE_CHECKING:
     from ..space import Space
 
@@ -62,6 +64,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         lambda s: optuna.samplers.GPSampler(seed=s.search.seed, n_startup_trials=_startup(s),
                                             warn_independent_sampling=False), False,
         "Gaussian-process Bayesian optimization (log expected hypervolume improvement for several objectives)"),
+    "surrogate": SamplerSpec(
+        lambda s: SurrogateSampler(seed=s.search.seed, n_startup_trials=_startup(s)), True,
+        "Thompson sampling from a Bayesian quadratic of the combined score in a trust region; running trials "
+        "count as expected (pending-aware)"),
     "random": SamplerSpec(lambda s: optuna.samplers.RandomSampler(seed=s.search.seed), False,
                           "independent uniform draws: the baseline every sampler should beat"),
     "grid": SamplerSpec(_grid, False, "every combination of search.grid_points values per parameter"),

@@ -73,8 +73,11 @@ def open_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.S
 
 
 def _alone(space: Space, params: dict) -> str:
+    def weight(key: str) -> float:  # one weight, or the first of its layer groups
+        return params.get(f"weight/{key}", params.get(f"weight/{key}/0", 0))
+
     for m in space.models:
-        if params.get(f"weight/{m.key}", 0) == max(params.get(f"weight/{k.key}", 0) for k in space.models):
+        if weight(m.key) == max(weight(k.key) for k in space.models):
             return m.key
     return "?"
 
