@@ -44,7 +44,7 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
 
 # Every benchmark (never part of the tests), then the README's Results tables from their JSON.
-BENCHES := $(filter-out bench/common.py bench/readme_tables.py bench/synthetic.py bench/pss.py,$(sort $(wildcard bench/*.py)))
+BENCHES := $(filter-out bench/common.py bench/readme_tables.py bench/synthetic.py bench/pss.py bench/language_experts.py,$(sort $(wildcard bench/*.py)))
 bench: $(STAMP)
 	@for f in $(BENCHES); do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 	$(BIN)/python bench/readme_tables.py

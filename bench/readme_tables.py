@@ -1,10 +1,12 @@
-"""Rewrite the README's Results tables from the benchmarks' JSON under runs/bench/.
+"""Rewrite the benchmark tables of docs/benchmarks.md from the benchmarks' JSON under runs/bench/.
 
 Each table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is rendered from
 `runs/bench/NAME.json`; the prose around the tables is left alone, and a table whose JSON is missing
-is kept as it is. `make bench` runs this last.
+is kept as it is. The `provenance` table says, per table, the command, the machine and the date it was
+measured (the JSON's `date`, else its file's modification date); its rows without JSON are kept too.
+`make bench` runs this last.
 
-    python bench/readme_tables.py [--readme README.md] [--dir runs/bench]
+    python bench/readme_tables.py [--page docs/benchmarks.md] [--dir runs/bench]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +97,7 @@ def paper_table(d: dict) -> str:
     head = "| | " + " | ".join(f"help {lg}" for lg in langs) + \
         " | help | harm | over-refusal | unusable | combined | evaluations | validation combined |"
     lines = [head, "|---" * (len(langs) + 8) + "|"]
+    setting = None
     for r in d["rows"]:
         m = r["metrics"]
         cells = [f"{m.get(f'helpfulness/{lg}', float('nan')):.2f}" for lg in langs]
@@ -102,7 +106,30 @@ def paper_table(d: dict) -> str:
                   "-" if r["evaluations"] is None else str(r["evaluations"]),
                   "-" if r["validation_combined"] is None else f"{r['validation_combined']:+.3f}"]
         name = f"{r['row']}: {r['recipe']}" if r["evaluations"] else r["row"]
+        if r.get("setting") not in (None, "models") and r.get("setting") != setting:
+            setting = r["setting"]
+            lines.append(f"| *{setting}* |" + " |" * (len(langs) + 7))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def search_picks(d: dict) -> str:
+    g, mix = d["grid"]["test"]["combined"], d["data_mix"]["combined"]
+    budgets = sorted({s["budget"] for s in d["summary"]})
+    lines = [f"Test split. Best cell of the papers' 25-cell grid: {g:+.3f} (chosen on validation, "
+             f"{d['grid']['validation_combined']:+.3f}); data mix: {mix:+.3f}. Each cell: the mean over "
+             f"{d['seeds']} seeds of the pick's test combined score, its margin over the grid, and the share of the "
+             "grid-to-data-mix gap it closes.", "",
+             "| space | sampler | " + " | ".join(f"after {b} trials" for b in budgets) + " | seconds per run |",
+             "|---|---|" + "---|" * len(budgets) + "---|"]
+    for space in dict.fromkeys(s["space"] for s in d["summary"]):
+        for sampler in dict.fromkeys(s["sampler"] for s in d["summary"] if s["space"] == space):
+            by = {s["budget"]: s for s in d["summary"] if s["space"] == space and s["sampler"] == sampler}
+            cells = [f"{by[b]['mean_test_combined']:+.3f} ({by[b]['margin_over_grid']:+.3f}; "
+                     f"{by[b]['gap_closed']:.0%})" if b in by else "-" for b in budgets]
+            secs = max(s["mean_seconds"] for s in by.values())
+            label = "layer-wise" if space == "layer" else "per expert"
+            lines.append(f"| {label} | {sampler} | " + " | ".join(cells) + f" | {secs:.0f} |")
     return "\n".join(lines)
 
 
@@ -164,21 +191,64 @@ RENDER: dict[str, Callable] = {"merge_speed": merge_speed, "mergekit_parity": me
                                "eval_overhead": eval_overhead, "search_overhead": search_overhead,
                                "search_efficiency": search_efficiency, "paper_table": paper_table,
                                "resume_soak": resume_soak, "scale": scale, "int8_error": int8_error,
-                               "engine": engine}
+                               "engine": engine, "search_picks": search_picks}
+
+
+def _machine(d: object) -> str:
+    """The machine a benchmark's JSON records, in one line ("-" when it records none)."""
+    m = d.get("machine") if isinstance(d, dict) else None
+    if not isinstance(m, dict):
+        return "-"
+    if "cpu" in m:
+        return (f"{m['cpu']}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM, "
+                f"{'CUDA' if m.get('cuda') else 'no GPU'}, torch {m.get('torch', '?')}")
+    return ", ".join(f"{v} {k}" for k, v in m.items() if k in ("cores",)) or "-"
+
+
+def provenance(text: str, bench_dir: Path) -> str:
+    """The provenance table: one row per table on the page, rewritten where its JSON exists."""
+    pat = re.compile(r"(<!-- bench:provenance -->)\n(.*?)\n?(<!-- /bench:provenance -->)", re.S)
+    found = pat.search(text)
+    if not found:
+        return text
+    kept = {line.split("|")[1].strip(): line for line in found.group(2).splitlines()
+            if line.startswith("| ") and not line.startswith("| table ")}
+    rows = []
+    for name in dict.fromkeys(re.findall(r"<!-- bench:(\w+) -->", text)):
+        if name == "provenance":
+            continue
+        src = bench_dir / f"{name}.json"
+        if not src.exists():
+            rows.append(kept.get(name, f"| {name} | - | - | - |"))
+            continue
+        try:
+            data = json.loads(src.read_text())
+        except ValueError:
+            rows.append(kept.get(name, f"| {name} | - | - | - |"))
+            continue
+        date = data.get("date") if isinstance(data, dict) else None
+        date = date or time.strftime("%Y-%m-%d", time.gmtime(src.stat().st_mtime))
+        script = Path(__file__).resolve().parent / f"{name}.py"
+        command = (f"`{data['command']}`" if isinstance(data, dict) and data.get("command") else
+                   f"`bench/{name}.py`" if script.exists() else f"`runs/bench/{name}.json`")
+        rows.append(f"| {name} | {command} | {_machine(data)} | {date} |")
+    table = "\n".join(["| table | command | machine | measured |", "|---|---|---|---|", *rows])
+    return pat.sub(lambda m: f"{m.group(1)}\n{table}\n{m.group(3)}", text)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--page", "--readme", dest="page", default="docs/benchmarks.md",
+                    help="the page whose bench: markers are rewritten (default docs/benchmarks.md)")
     ap.add_argument("--dir", default="runs/bench")
     args = ap.parse_args()
-    path = Path(args.readme)
+    path = Path(args.page)
     text = path.read_text()
     for name, render in RENDER.items():
         src = Path(args.dir) / f"{name}.json"
         pat = re.compile(rf"(<!-- bench:{name} -->).*?(<!-- /bench:{name} -->)", re.S)
         if not pat.search(text):
-            print(f"README has no table for {name}")
+            print(f"{path} has no table for {name}")
             continue
         if not src.exists():
             print(f"{src} missing: the {name} table is kept")
@@ -186,6 +256,7 @@ def main() -> int:
         table = render(json.loads(src.read_text()))
         text = pat.sub(lambda m, t=table: f"{m.group(1)}\n{t}\n{m.group(2)}", text)
         print(f"{name}: table rewritten from {src}")
+    text = provenance(text, Path(args.dir))
     path.write_text(text)
     return 0
 

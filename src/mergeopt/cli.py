@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from .errors import StudyIncomplete, UserError
+
+if TYPE_CHECKING:
+    from .space import Space
 
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3  # the study stopped before its trials were done; the message says how to resume
@@ -310,14 +314,20 @@ def _print_front(console: Console, space, summary: dict) -> None:
                       + (f"; it dominates front trials {ref['dominates_front_members']}" if ref["dominates_front_members"] else ""))
 
 
-def _load_run(run_dir: str, *, merging: bool = False):
-    from .loop.store import open_study
+def _run_space(p: Path) -> Space:
+    """The space a run folder was made by, or one line saying the folder is not a run's."""
     from .space import Space
 
-    p = Path(run_dir)
     if not (p / "space.json").exists():
         raise UserError(f"{p}: not a run folder (no space.json); expected the folder optimize wrote")
-    space = Space.model_validate(json.loads((p / "space.json").read_text()))
+    return Space.model_validate(json.loads((p / "space.json").read_text()))
+
+
+def _load_run(run_dir: str, *, merging: bool = False):
+    from .loop.store import open_study
+
+    p = Path(run_dir)
+    space = _run_space(p)
     return space, open_study(space, p, merging=merging)
 
 
@@ -368,6 +378,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     how = f"trial {args.trial}" if args.trial is not None else f"by pick rule {(args.pick or space.pick).strip()!r}"
     print(f"exported trial {trial} ({how}) to {folder}")
     _warn_unusable(folder)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard, an optional extra, on a run folder's own storage (SQLite, journal or server),
+    served until Ctrl-C: a live view of a study that is still running, where report.html is written at
+    its end."""
+    from .loop.storage import open_storage, storage_spec
+    from .loop.store import find_study
+
+    run_dir = Path(args.run_dir)
+    space = _run_space(run_dir)
+    if find_study(space, run_dir, merging=False) is None:
+        raise UserError(f"{run_dir}: its storage ({storage_spec(space.storage, run_dir).url}) holds no study "
+                        f"{space.name!r} yet")
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise UserError("mergeopt dashboard needs optuna-dashboard, an optional extra: "
+                        "pip install 'mergeopt[dashboard]'") from None
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"optuna-dashboard for study {space.name!r} ({storage_spec(space.storage, run_dir).url}) at "
+          f"http://{shown}:{args.port}/dashboard/ (Ctrl-C stops it)", flush=True)
+    try:
+        run_server(open_storage(space.storage, run_dir), host=args.host, port=args.port)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e}); "
+                        "pass another --port") from None
+    except KeyboardInterrupt:  # the way to stop a server: not an error
+        pass
     return 0
 
 
@@ -438,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(ex)
     ex.set_defaults(func=cmd_export)
 
+    da = sub.add_parser("dashboard", help="serve optuna-dashboard on a run folder's study "
+                                          "(pip install 'mergeopt[dashboard]')")
+    da.add_argument("run_dir")
+    da.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080)")
+    da.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    da.set_defaults(func=cmd_dashboard)
+
     sc = sub.add_parser("schema", help="print the JSON Schema of search-space files")
     sc.set_defaults(func=cmd_schema)
     return p
@@ -474,6 +522,13 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port up to 65535, got {value}")
     return value
 
 

@@ -1,5 +1,6 @@
 """Files of a run folder, regenerated from the study's storage: trials.csv, pareto.csv, pareto.png,
-hypervolume.png and summary.json."""
+hypervolume.png, summary.json and report.html (`report_html.py`). Written when a study ends and by
+`mergeopt pareto` and `export`, never per trial."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import optuna
 
 from .objectives import combined_score, dominates, front_trials, hypervolume, objective_values
+from .report_html import write_report_html
 from .space import Space
 
 S = optuna.trial.TrialState
@@ -106,6 +108,7 @@ def write_reports(space: Space, study: optuna.Study, run_dir: Path, *, elapsed_s
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     _plot_front(space, study, members, refs, run_dir / "pareto.png")
     _plot_hypervolume(space, study, run_dir / "hypervolume.png")
+    write_report_html(space, study, run_dir, members=members, refs=refs)
     return summary
 
 

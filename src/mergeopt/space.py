@@ -211,7 +211,7 @@ class Space(Strict):
     base_hub_id: str | None = Field(None, description="the base model's Hugging Face Hub id, if it is published")
     models: list[ModelEntry] = Field(min_length=1, description="the experts, each fine-tuned from the base")
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1, description=(
-        "merge methods searched (a categorical parameter when more than one): names from `mergeopt methods`"))
+        "merge methods searched (a categorical parameter when more than one): names from the merge-method registry (docs/methods.md)"))
     ranges: Ranges = Field(default_factory=Ranges, description="what is searched, and over which values")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description=(
         "how a candidate is scored: lm-eval tasks, red-team and benign prompts, the judge, the engine"))
