@@ -126,7 +126,6 @@ def main() -> None:
             add_trial(test, space, "objective", "objective merge (task arithmetic, grid)", best, n,
                       f"helpful {best.params[f'weight/{helpful}']:g}, safety {best.params[f'weight/{safety}']:g}")
             search(test, space, "objective", "per expert", Path(d) / "search", pool)
-            search(test, layer_wise(space, groups), "objective", f"layer-wise, {groups} groups", Path(d) / "layer", pool)
             if "ties" in space.methods:
                 cands = [recipe_params(space, "ties", dict.fromkeys(keys, 1.0), dens) for dens in (0.3, 0.5, 0.7)]
                 best, n = best_on_validation(space, cands, Path(d) / "language", pool)
@@ -138,6 +137,13 @@ def main() -> None:
                                                  Path(d) / f"dare{p}", pool)
                     add_trial(test, space, "DARE", f"DARE p = {p} (task arithmetic, all experts)", best, n,
                               f"weights 1, drop {p}")
+    finally:
+        pool.close()
+    layer = layer_wise(space, groups)  # a pool's workers read parameters by their space's names
+    pool = ray_pool(layer, args.workers)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            search(test, layer, "objective", f"layer-wise, {groups} groups", Path(d) / "layer", pool)
     finally:
         pool.close()
     # The paper's language-based merge: per-language experts that each carry 15% safety data.

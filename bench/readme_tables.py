@@ -98,7 +98,8 @@ def paper_table(d: dict) -> str:
         " | help | harm | over-refusal | unusable | combined | evaluations | validation combined |"
     lines = [head, "|---" * (len(langs) + 8) + "|"]
     setting = None
-    for r in d["rows"]:
+    order = {k: i for i, k in enumerate(dict.fromkeys(r.get("setting") for r in d["rows"]))}
+    for r in sorted(d["rows"], key=lambda r: order[r.get("setting")]):  # each setting's rows together
         m = r["metrics"]
         cells = [f"{m.get(f'helpfulness/{lg}', float('nan')):.2f}" for lg in langs]
         cells += [f"{m['helpfulness']:.3f}", f"{m['harm']:.3f}", f"{m.get('over_refusal', 0.0):.3f}",
@@ -119,7 +120,9 @@ def search_picks(d: dict) -> str:
     lines = [f"Test split. Best cell of the papers' 25-cell grid: {g:+.3f} (chosen on validation, "
              f"{d['grid']['validation_combined']:+.3f}); data mix: {mix:+.3f}. Each cell: the mean over "
              f"{d['seeds']} seeds of the pick's test combined score, its margin over the grid, and the share of the "
-             "grid-to-data-mix gap it closes.", "",
+             "grid-to-data-mix gap it closes." + (
+                 f" The best of the 25 cells on test itself (which no choice on validation could know) is "
+                 f"{d['grid']['test_oracle']['test_combined']:+.3f}." if "test_oracle" in d["grid"] else ""), "",
              "| space | sampler | " + " | ".join(f"after {b} trials" for b in budgets) + " | seconds per run |",
              "|---|---|" + "---|" * len(budgets) + "---|"]
     for space in dict.fromkeys(s["space"] for s in d["summary"]):

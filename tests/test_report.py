@@ -27,7 +27,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 # Without the background-networking flags Chromium keeps trying the closed network and misbehaves.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--virtual-time-budget=10000")
+                  "--hide-scrollbars", "--virtual-time-budget=10000", "--disable-dev-shm-usage",
+                  "--host-resolver-rules=MAP * ~NOTFOUND")
 # Registered before plotly.js runs: a script error or a rejected promise (Plotly.newPlot's) is left on
 # <html> for --dump-dom to show.
 CATCH_ERRORS = ("<script>(function () { function note(m) { document.documentElement.setAttribute('data-js-error', "
@@ -134,34 +135,52 @@ def test_dashboard_without_its_extra_says_how_to_install_it(run: Path, monkeypat
     assert "pip install 'mergeopt[dashboard]'" in r.stderr
 
 
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost never goes through a proxy
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_dashboard_serves_the_run_study_until_stopped(run: Path):
-    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed: pip install 'mergeopt[dashboard]'")
-    port = _free_port()
+def _serve(run: Path) -> tuple[subprocess.Popen, int, list | None, OSError | None]:
+    """`mergeopt dashboard` on a free port, once it answers. A port taken between choosing it and the
+    server binding it (it exits with its one-line error) is retried on another."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mergeopt.cli", "dashboard", str(run), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    for _ in range(3):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "mergeopt.cli", "dashboard", str(run), "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline, studies, err = time.monotonic() + 90, None, None
         while studies is None and time.monotonic() < deadline and proc.poll() is None:
             try:  # the server is up once it answers; until then the connection is refused
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as resp:
+                with LOCAL.open(f"http://127.0.0.1:{port}/api/studies", timeout=10) as resp:
                     studies = json.load(resp)["study_summaries"]
             except OSError as e:
                 err = e
                 time.sleep(0.5)
+        if studies is None and proc.poll() == 2 and "cannot listen there" in proc.stderr.read():
+            continue
+        return proc, port, studies, err
+    raise AssertionError("three free ports were all taken before the server bound them")
+
+
+def test_dashboard_serves_the_run_study_until_stopped(run: Path):
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed: pip install 'mergeopt[dashboard]'")
+    proc, port, studies, err = _serve(run)
+    try:
         assert studies is not None, (proc.poll(), err)
         assert [s["study_name"] for s in studies] == ["report"]
         assert studies[0]["directions"] == ["maximize"]  # cmaes: the combined score
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=30) as resp:
+        with LOCAL.open(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", timeout=30) as resp:
             detail = json.load(resp)
         assert len(detail["trials"]) == 8 and all("metrics" in str(t["user_attrs"]) for t in detail["trials"])
     finally:
         proc.terminate()
-        out, errs = proc.communicate(timeout=30)
+        try:
+            out, errs = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, errs = proc.communicate()
     assert f"127.0.0.1:{port}/dashboard/" in out, (out, errs)

@@ -148,6 +148,8 @@ def test_bare_space_name_is_looked_up_in_search_spaces():
         (lambda d: d["ranges"].update({"weight": {"low": 2, "high": 1}}), "ranges.weight"),
         (lambda d: d.update({"methods": ["tiez"]}), "unknown merge method 'tiez'; did you mean 'ties'?"),
         (lambda d: d["search"].update({"sampler": "tpee"}), "search.sampler"),
+        (lambda d: d["search"].update({"seed": -1}), "search.seed"),
+        (lambda d: d["ranges"].update({"layer_wise": ["lambda"]}), "ranges.layer_wise"),
         (lambda d: d["evaluation"]["judge"].update({"kind": "gpt"}) if "judge" in d["evaluation"]
          else d["evaluation"].update({"judge": {"kind": "gpt"}}), "evaluation.judge.kind"),
         (lambda d: d.update({"combined": "helpfulness - harmm"}), "unknown metric 'harmm'"),

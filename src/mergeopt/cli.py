@@ -320,7 +320,11 @@ def _run_space(p: Path) -> Space:
 
     if not (p / "space.json").exists():
         raise UserError(f"{p}: not a run folder (no space.json); expected the folder optimize wrote")
-    return Space.model_validate(json.loads((p / "space.json").read_text()))
+    try:
+        return Space.model_validate(json.loads((p / "space.json").read_text()))
+    except ValueError as e:  # not JSON, or not a space this version reads (pydantic's error is a ValueError)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{p / 'space.json'}: not a space file this mergeopt reads ({first})") from None
 
 
 def _load_run(run_dir: str, *, merging: bool = False):
@@ -390,14 +394,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     space = _run_space(run_dir)
-    if find_study(space, run_dir, merging=False) is None:
-        raise UserError(f"{run_dir}: its storage ({storage_spec(space.storage, run_dir).url}) holds no study "
-                        f"{space.name!r} yet")
-    try:
+    try:  # before the storage is opened: nothing is touched when the extra is missing
         from optuna_dashboard import run_server
     except ImportError:
         raise UserError("mergeopt dashboard needs optuna-dashboard, an optional extra: "
                         "pip install 'mergeopt[dashboard]'") from None
+    if find_study(space, run_dir, merging=False) is None:
+        raise UserError(f"{run_dir}: its storage ({storage_spec(space.storage, run_dir).url}) holds no study "
+                        f"{space.name!r} yet")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"optuna-dashboard for study {space.name!r} ({storage_spec(space.storage, run_dir).url}) at "
           f"http://{shown}:{args.port}/dashboard/ (Ctrl-C stops it)", flush=True)

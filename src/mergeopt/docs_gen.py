@@ -73,7 +73,7 @@ def _bounds(s: dict[str, Any]) -> str:
     parts = []
     for key, op in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
         if key in s:
-            parts.append(f"{op} {s[key]:g}")
+            parts.append(f"{op} {s[key]}" if isinstance(s[key], int) else f"{op} {s[key]:g}")
     if "minItems" in s:
         parts.append(f"at least {s['minItems']} item{'s' if s['minItems'] != 1 else ''}")
     if "pattern" in s:

@@ -17,6 +17,7 @@ of imports, mostly scikit-learn and SciPy, which `optuna.importance` imports for
 from __future__ import annotations
 
 import html
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,7 +48,7 @@ def write_report_html(space: Space, study: optuna.Study, run_dir: Path, *,
                       refs: dict[str, dict[str, float]] | None = None) -> Path:
     """Write RUN_DIR/report.html (atomically: a browser open on it never reads half a page)."""
     path = run_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
+    tmp = path.with_name(f".report.html.{os.getpid()}.tmp")  # `pareto` may write while a study ends
     tmp.write_text(build_report_html(space, study, members=members, refs=refs), encoding="utf-8")
     tmp.replace(path)
     return path
@@ -59,7 +60,15 @@ def build_report_html(space: Space, study: optuna.Study, *, members: Sequence[Fr
 
     done = sorted(study.get_trials(deepcopy=False, states=(S.COMPLETE,)), key=lambda t: t.number)
     members = front_trials(space, study) if members is None else list(members)
-    lean = _lean_study(study, done)
+    lean_cache: list[optuna.Study] = []
+
+    def lean() -> optuna.Study:
+        """Built on first use, inside a panel: a trial Optuna would not rebuild (a baseline off a range's
+        step, say) skips the panels that need it, not the page."""
+        if not lean_cache:
+            lean_cache.append(_lean_study(study, done))
+        return lean_cache[0]
+
     panels: list[tuple[str, str, str, Callable[[], go.Figure]]] = [
         ("pareto", "Pareto front", "Hover a point for its trial, recipe and per-language metrics.",
          lambda: pareto_figure(space, done, members, refs or {})),
@@ -68,9 +77,9 @@ def build_report_html(space: Space, study: optuna.Study, *, members: Sequence[Fr
          lambda: hypervolume_figure(space, done)),
         ("importances", "Parameter importances",
          "PED-ANOVA importances: how much each parameter decides reaching the best 10% of trials, per target.",
-         lambda: importances_figure(space, lean, done)),
+         lambda: importances_figure(space, lean(), done)),
         ("parallel", "Parallel coordinates", "Each line is a complete trial, coloured by its combined score.",
-         lambda: parallel_figure(space, lean, done)),
+         lambda: parallel_figure(space, lean(), done)),
     ]
     body = []
     for key, title, note, make in panels:
@@ -216,10 +225,10 @@ def hypervolume_figure(space: Space, done: list[FrozenTrial]) -> go.Figure:
     for t in done:
         pts.append(objective_values(space, t.user_attrs["metrics"]))
         hv.append(hypervolume(space, pts))
-    fig = go.Figure(go.Scatter(x=[t.number for t in done], y=hv, mode="lines+markers", name="hypervolume",
+    fig = go.Figure(go.Scatter(x=[t.number + 1 for t in done], y=hv, mode="lines+markers", name="hypervolume",
                                line={"shape": "hv", "color": "#2c3e50"}, marker={"size": 5},
-                               hovertemplate="after trial %{x}: %{y:.4f}<extra></extra>"))
-    fig.update_layout(title=f"{space.name}: hypervolume by trial", xaxis_title="trial number", yaxis_title="hypervolume")
+                               hovertemplate="after %{x} trials: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=f"{space.name}: hypervolume by trial", xaxis_title="trials", yaxis_title="hypervolume")
     return fig
 
 

@@ -173,7 +173,7 @@ class SearchConfig(Strict):
     gpus_per_worker: float | None = Field(None, ge=0, description=(
         "GPUs each worker reserves: above 1, its model is sharded over them (vLLM: tensor parallelism); below 1, "
         "workers share a GPU. Unset: 1 when the node has GPUs, else 0"))
-    seed: int = Field(0, description="the sampler's seed; each trial's merge seed derives from it and the trial number")
+    seed: int = Field(0, ge=0, lt=2**32, description="the sampler's seed; each trial's merge seed derives from it and the trial number")
     pruner: Literal["none", "median"] = Field("none", description=(
         "median: stop a candidate whose multi-fidelity subset scores below the median (needs subset_fraction)"))
     baselines: bool = Field(True, description="enqueue the uniform average and each expert alone as the first trials")
@@ -386,6 +386,8 @@ class Space(Strict):
 
         def clamp(name: str, v: float) -> float:
             d = dists[name]
+            if d.step is not None:  # a stepped range holds only its grid points
+                v = d.low + round((v - d.low) / d.step) * d.step
             return min(max(v, d.low), d.high)
 
         def params(weights: dict[str, float]) -> dict[str, Any]:

@@ -12,8 +12,9 @@ the same region again, as in asynchronous pending-aware merging (AP-BMM, arXiv 2
 
 Each proposal maximizes one Thompson draw over candidates inside a trust region around the best
 trial (as TuRBO does), whose side doubles after an improvement and halves after a run of
-non-improvements. The region and every random draw are functions of the trial history and the
-seed, so a trial is reproducible and a resumed study continues as it would have.
+non-improvements. The region and every random draw are functions of the trial history, the trials
+running and the seed: with one worker a study is reproducible and a resumed one continues as it would
+have; with several, what runs at each ask depends on timing, as with every sampler.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class SurrogateSampler(BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if all(k in t.params for k in search_space)]
+                if all(k in t.params for k in search_space) and math.isfinite(float(t.value))]  # type: ignore[arg-type]
         if not search_space or len(done) < self._n_startup:
             return {}
         enc = _Encoding(search_space)
@@ -174,7 +175,9 @@ class SurrogateSampler(BaseSampler):
             c = np.array([r[1] for r in rows], dtype=int).reshape(len(rows), len(enc.cats))
             return features(u, c, n_choices)
 
-        mu, sd = y.mean(), y.std() or 1.0
+        mu, sd = y.mean(), y.std()
+        if sd <= 1e-12 * max(1.0, abs(mu)):  # all alike: nothing to model but rounding
+            sd = 1.0
         ys = (y - mu) / sd
         phi, prior = phi_of(x)
         model = BayesianQuadratic(phi, ys, prior)
