@@ -50,6 +50,40 @@ def _pickle_only(zoo: Path, tmp: Path) -> str:
     return str(dst)
 
 
+def _adapter(tmp: Path) -> str:
+    """A PEFT LoRA adapter folder as PEFT writes it: adapter_config.json and adapter_model.safetensors."""
+    dst = tmp / "adapter"
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                         "target_modules": ["q_proj"], "base_model_name_or_path": "base"}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)},
+              str(dst / "adapter_model.safetensors"))
+    return str(dst)
+
+
+def _relative_task(zoo: Path, tmp: Path) -> str:
+    """A task whose data_files is relative to its YAML's folder, which `datasets` does not read it from."""
+    folder = tmp / "tasks"
+    folder.mkdir()
+    spec = yaml.safe_load((zoo / "eval" / "lm_eval" / "zoo_help_en_validation.yaml").read_text())
+    spec.pop("tag", None)
+    shutil.copy(spec["dataset_kwargs"]["data_files"]["validation"], folder / "rows.jsonl")
+    spec.update(task="rel_task", dataset_kwargs={"data_files": {"validation": "rows.jsonl"}})
+    (folder / "rel_task.yaml").write_text(yaml.safe_dump(spec))
+    return str(folder)
+
+
+def _lossy_tokenizer(zoo: Path, tmp: Path) -> str:
+    """The base with tokenizer files that load but map every word to the unknown token: a study on it
+    would score empty prompts to its end."""
+    dst = tmp / "lossy"
+    shutil.copytree(zoo / "models" / "base", dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {k: v for k, v in tok["model"]["vocab"].items() if k.startswith("<")}
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return str(dst)
+
+
 def _set(path: str, value):
     def edit(d: dict) -> None:
         keys = path.split(".")
@@ -144,6 +178,17 @@ CASES: list[tuple[str, Callable, str]] = [
         **d, "evaluation": {"validation": {"harmful": {"es": str(t / "b.jsonl")}, "benign": {"es": str(t / "b.jsonl")}},
                             "chat_template": "{prompt}", "judge": {"kind": "llama_guard", "model": str(t)}}})[1],
      "evaluation.judge.refusal: no refusal markers for language 'es', which has benign prompts; Llama Guard"),
+    ("lora_adapter", lambda d, z, t: (d["models"][1].update(path=_adapter(t)), d)[1], "a PEFT adapter folder"),
+    ("density_above_one", lambda d, z, t: (_set("ranges.density", {"low": 0.5, "high": 1.5})(d), d)[1],
+     "ranges.density: low 0.5, high 1.5 is outside (0, 1]"),
+    ("languages_differ_between_splits", lambda d, z, t: (_write(t / "h.jsonl", '{"prompt": "how to x", "answer": "x"}\n'), {
+        **d, "evaluation": {"validation": {"harmful": {"en": str(t / "h.jsonl")}}, "test": {"harmful": {"fr": str(t / "h.jsonl")}},
+                            "chat_template": "{prompt}", "judge": {"refusal": {"en": ["no"], "fr": ["non"]}}}})[1],
+     "test.harmful names languages ['fr'], validation.harmful names ['en']"),
+    ("relative_data_files", lambda d, z, t: {**d, "evaluation": {
+        "include_path": _relative_task(z, t), "chat_template": "{prompt}", "validation": {"tasks": {"en": "rel_task"}}}},
+     "task 'rel_task' cannot be loaded"),
+    ("tokenizer_loses_text", lambda d, z, t: {**d, "base_model": _lossy_tokenizer(z, t)}, "its tokenizer decodes"),
     # the storage
     ("storage_unreadable", lambda d, z, t: {**d, "storage": "postgres-on-host-a"}, "storage: cannot read 'postgres-on-host-a'"),
     ("storage_unreachable", lambda d, z, t: {**d, "storage": "postgresql://nobody@127.0.0.1:1/nothing"},
@@ -159,19 +204,28 @@ def test_corpus_is_large_enough():
     assert len(CASES) >= 25
 
 
+FOUND_AT_LOAD = {"nan_weight", "inf_weight"}  # tensors are read when the workers load them, not by --dry-run
+
+
 @pytest.mark.parametrize(("case", "make", "fragment"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, make, fragment, test_zoo: Path, tmp_path: Path):
+    """The same line from `--dry-run` (no Ray started) and from the run itself."""
+    import ray
+
     data = make(_space_data(test_zoo), test_zoo, tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     run = tmp_path / "run"
     backend = "ray" if case == "too_many_workers" else "inline"  # the guard counts the workers that would start
-    r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", backend, "--quiet")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (case, r.stderr[-1500:])
-    assert len(lines) == 1 and "Traceback" not in r.stderr, (case, r.stderr[-1500:])
-    assert fragment in lines[0], (case, lines[0])
-    assert not run.exists(), case
+    for dry in ([] if case in FOUND_AT_LOAD else ["--dry-run"]) + [None]:
+        r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", backend, "--quiet",
+                    *([dry] if dry else []))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (case, dry, r.stderr[-1500:])
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (case, dry, r.stderr[-1500:])
+        assert fragment in lines[0], (case, dry, lines[0])
+        assert not run.exists(), (case, dry)
+        assert not ray.is_initialized(), (case, dry)
 
 
 def test_pickle_and_remote_code_are_allowed_by_their_flags(test_zoo: Path, tmp_path: Path):
@@ -189,9 +243,12 @@ def test_a_run_folder_that_cannot_be_made_is_refused_before_anything_starts(test
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(_space_data(test_zoo)))
     (tmp_path / "afile").write_text("")
-    r = run_cli("optimize", "--space", str(space), "--run-dir", str(tmp_path / "afile" / "run"), "--quiet")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "is a file; expected a folder" in lines[0], r.stderr
+    for dry in ("--dry-run", None):
+        for run, fragment in ((tmp_path / "afile" / "run", "is a file; expected a folder"),
+                              (Path("/proc/mergeopt-run"), "cannot write there")):  # passes a permission check
+            r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--quiet", *([dry] if dry else []))
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("flag", ["--n-trials", "--workers"])

@@ -154,6 +154,17 @@ def test_no_worker_that_can_start_stops_the_study(test_zoo: Path, tmp_path: Path
     assert r.returncode == 3 and len(lines) == 1 and "every worker was lost" in lines[0], r.stderr
 
 
+def test_an_error_every_worker_raises_while_starting_is_an_input_error(test_zoo: Path, tmp_path: Path):
+    """A library's error inside the workers' start (an input the checks could not see) is that input's
+    error, exit status 2 and nothing written, never "every worker was lost"."""
+    space = zoo_test_space(tmp_path, "raisestart", n_trials=2, workers=2, worker_restarts=1, restart_backoff=0.1)
+    r = _optimize(space, tmp_path / "run", fault="worker:startup!RAISE")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "every worker raised an error while starting" in lines[0] and "injected fault at startup" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_memory_guard_refuses_too_many_workers(test_zoo: Path, tmp_path: Path):
     space = zoo_test_space(tmp_path, "toomany", n_trials=2, workers=400)
     r = _optimize(space, tmp_path / "run")

@@ -128,10 +128,17 @@ def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_template_passes_dry_run(path: Path, tmp_path: Path):
+def test_every_template_passes_dry_run_up_to_its_missing_models(path: Path, tmp_path: Path):
+    """The templates name model folders of another machine (/models/...): their schema and search space
+    pass, and the dry run then stops on the first missing folder, as on a machine without the models."""
     r = run_cli("optimize", "--space", str(path), "--dry-run", "--run-dir", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
     assert "search space" in r.stdout
+    if path.name == "safety_multilingual.yaml":  # the embedded zoo's study
+        assert r.returncode == 0, r.stderr
+        assert "every check passed" in r.stdout
+    else:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "/models/" in lines[0] and "model folder not found" in lines[0], r.stderr
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 

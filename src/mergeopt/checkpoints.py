@@ -25,6 +25,9 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: model folder not found")
         cfg_file = self.path / "config.json"
+        if not cfg_file.exists() and (self.path / "adapter_config.json").exists():
+            raise CheckpointError(f"{self.path}: a PEFT adapter folder (adapter_config.json), not a model; merge it into "
+                                  "its base first (PEFT's merge_and_unload, then save_pretrained) and give that folder")
         if not cfg_file.exists():
             raise CheckpointError(f"{cfg_file}: missing; expected a Hugging Face model folder with config.json")
         try:

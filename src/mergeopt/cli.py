@@ -119,20 +119,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_memory_plan(console, space, args: argparse.Namespace) -> int:
+def _print_memory_plan(console, space, args: argparse.Namespace) -> None:
     """The memory plan of `optimize --dry-run`, from the base model's headers: what each tier needs per
-    worker and per node, and, when it does not fit, the line `optimize` would refuse with (exit status 2)."""
-    from .errors import UserError
-    from .loop.preflight import check_memory, study_plan
+    worker and per node. Whether it fits is the preflight's check, with the line `optimize` would refuse
+    with (exit status 2)."""
+    from .loop.preflight import study_plan
     from .memory_plan import GIB, MARGIN
     from .refs import is_zoo_ref
 
     if is_zoo_ref(space.base_model):
         console.print("memory plan: the embedded zoo's models are a few MB; plans are printed for model folders")
-        return 0
+        return
     if not Path(space.base_model).is_dir():  # a template naming folders of another machine
         console.print(f"memory plan: {space.base_model} is not here; the plan is printed where the models are")
-        return 0
+        return
     load = {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
     workers = 1 if args.backend == "inline" else space.search.workers
     p, size, node = study_plan(space, workers, ray=args.backend != "inline", **load)
@@ -145,13 +145,7 @@ def _print_memory_plan(console, space, args: argparse.Namespace) -> int:
     for row in p.table():
         t.add_row(*row)
     console.print(t)
-    try:
-        check_memory(space, workers, ray=args.backend != "inline", node=node, **load)
-    except UserError as e:
-        console.print(f"does not fit: {e}")
-        return 2
-    console.print(f"fits: every tier within {MARGIN:.0%} of its free memory")
-    return 0
+    console.print(f"a plan fits when every tier is within {MARGIN:.0%} of its free memory (checked below)")
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -191,11 +185,20 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         console.print(f"objectives: {', '.join(f'{o.metric} ({o.direction})' for o in space.objectives)}; "
                       f"combined: {space.combined}; storage: {space.storage or f'sqlite:///{run_dir}/study.db'}")
         console.print(f"baselines enqueued first: {len(space.baselines()) if space.search.baselines else 0}")
-        return _print_memory_plan(console, space, args)
+        _print_memory_plan(console, space, args)
+        from .loop.preflight import preflight
+
+        workers = 1 if args.backend == "inline" else space.search.workers
+        preflight(space, run_dir, workers=workers, ray=args.backend != "inline", memory=args.address is None,
+                  on_check=lambda what, found: console.print(f"checked {what}: {found}"), build_zoo=False,
+                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        console.print("every check passed; nothing was started or written")
+        return 0
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .report import write_reports
     from .search import run_study
+    from .signals import Stopped, stop_on_signals
 
     t0 = time.perf_counter()
     resume = _resume_command(args, run_dir)
@@ -215,18 +218,21 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                        front=p.front_size, hv=f"{p.hypervolume:.3f}", note=note)
 
         try:
-            study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
-                              address=args.address, backend=args.backend, on_progress=on_progress, on_phase=on_phase,
-                              allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                              dashboard=args.ray_dashboard)
+            with stop_on_signals():
+                study = run_study(space, run_dir, n_trials=space.search.n_trials, workers=space.search.workers,
+                                  address=args.address, backend=args.backend, on_progress=on_progress,
+                                  on_phase=on_phase, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code, dashboard=args.ray_dashboard)
         except StudyIncomplete as e:
             raise StudyIncomplete(f"{space.name}: stopped with {e.done} of {e.total} trials finished: {e.cause}; "
                                   f"resume with: {resume}", e.done, e.total) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             p = last.get("p")
             done = f" with {p.done} of {p.total} trials finished" if p is not None else ""
-            raise StudyIncomplete(f"{space.name}: interrupted{done}; finished trials are kept in {run_dir}; "
-                                  f"resume with: {resume}", 0, 0, interrupted=True) from None
+            how = f"stopped by {e.args[0]}" if isinstance(e, Stopped) else "interrupted"
+            raise StudyIncomplete(f"{space.name}: {how}{done}; finished trials are kept in {run_dir}; "
+                                  f"resume with: {resume}", 0, 0, interrupted=True,
+                                  status=e.exit_status if isinstance(e, Stopped) else None) from None
     p = last.get("p")
     if p is not None and p.phase == "timed out":  # on stderr: --quiet must not hide that trials are missing
         print(f"mergeopt: stopped at search.timeout ({space.search.timeout:g} s) with {p.done} of {p.total} trials "
@@ -553,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mergeopt: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED if e.interrupted else EXIT_INCOMPLETE
+        return e.status or (EXIT_INTERRUPTED if e.interrupted else EXIT_INCOMPLETE)
     except KeyboardInterrupt:
         print("mergeopt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,8 +7,9 @@
 - `driver:tell@4`: the driver dies right after it records the 4th finished trial of this run;
 - `driver:ask@4`: the driver dies right after it asks its 4th candidate of this run.
 A fault is a SIGKILL: no handler, no cleanup, no flush; what survives is what a real crash leaves. A
-suffix names another signal: `driver:tell@4!INT` is a Ctrl-C at that point; `!RAISE` raises
-`InjectedFault` instead, an exception inside the trial rather than the death of its process."""
+suffix names another signal: `driver:tell@4!INT` is a Ctrl-C at that point, `!TERM` what SLURM sends,
+`!STOP` holds the process alive and idle until a SIGCONT; `!RAISE` raises `InjectedFault` instead, an
+exception inside the trial (or the worker's start) rather than the death of its process."""
 
 from __future__ import annotations
 

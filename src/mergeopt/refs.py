@@ -33,6 +33,19 @@ def resolve_model_path(ref: str) -> Path:
     return Path(ref).expanduser()
 
 
+def unbuilt_zoo(space) -> str | None:
+    """The size of an embedded zoo the space names that is not built yet (a run builds it), else None."""
+    sizes = {m.group(1) or "default" for ref in (space.base_model, *(e.path for e in space.models))
+             if (m := _ZOO.fullmatch(ref))}
+    if space.evaluation.zoo:
+        sizes.add(space.evaluation.zoo)
+    if not sizes:
+        return None
+    from .zoo.build import zoo_dir
+
+    return next((size for size in sorted(sizes) if not (zoo_dir(size, 0) / "zoo.json").exists()), None)
+
+
 def zoo_evaluation(size: str, split: str) -> dict:
     """The embedded zoo's evaluation assets for `evaluation.zoo` (see mergeopt.zoo.plugin)."""
     from .zoo.plugin import evaluation

@@ -82,6 +82,38 @@ class Ranges(Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: Searchable) -> Searchable:
+        """A density is the share of a task vector kept: (0, 1]."""
+        return _within(v, 0.0, 1.0, open_low=True)
+
+    @field_validator("t")
+    @classmethod
+    def _t(cls, v: Searchable) -> Searchable:
+        """slerp's t interpolates between the base and the expert: [0, 1]."""
+        return _within(v, 0.0, 1.0)
+
+    @field_validator("per_model")
+    @classmethod
+    def _per_model(cls, v: dict) -> dict:
+        for name, per in v.items():
+            if "density" in per:
+                try:
+                    _within(per["density"], 0.0, 1.0, open_low=True)
+                except ValueError as e:
+                    raise ValueError(f"{name}.density: {e}") from None
+        return v
+
+
+def _within(v: Searchable, lo: float, hi: float, *, open_low: bool = False) -> Searchable:
+    low, high = (v.low, v.high) if isinstance(v, Range) else (v, v)
+    if low < lo or (open_low and low <= lo) or high > hi:
+        bounds = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
+        shown = f"low {low:g}, high {high:g}" if isinstance(v, Range) else f"{v:g}"
+        raise ValueError(f"{shown} is outside {bounds}, the values it can take")
+    return v
+
 
 class JudgeConfig(Strict):
     kind: Literal["refusal_markers", "classifier", "llm_judge", "llama_guard", "wildguard"] = Field(
@@ -143,6 +175,16 @@ class EvaluationConfig(Strict):
         "multi-fidelity: score this seeded share of every set first, so a pruner can stop a poor candidate early"))
     subset_seed: int = Field(0, description="the seed that picks the multi-fidelity subset")
 
+    @model_validator(mode="after")
+    def _same_languages(self) -> EvaluationConfig:
+        """The test split scores the languages validation searched on, or the card compares nothing."""
+        for kind in ("tasks", "harmful", "benign"):
+            val, test = sorted(getattr(self.validation, kind)), sorted(getattr(self.test, kind))
+            if test and val != test:
+                raise ValueError(f"test.{kind} names languages {test}, validation.{kind} names {val}; "
+                                 "expected the same languages in both splits")
+        return self
+
 
 class Objective(Strict):
     metric: str = Field(description="helpfulness, harm, over_refusal or unusable, optionally per language: harm/fr")
@@ -157,7 +199,7 @@ class Objective(Strict):
 
 
 # How a study runs, not what it searches: changing them keeps a run folder resumable.
-OPERATIONAL = {"n_trials", "timeout", "workers", "worker_restarts", "restart_backoff"}
+OPERATIONAL = {"n_trials", "timeout", "workers", "worker_restarts", "restart_backoff", "population"}
 PUBLISHING: dict = {"base_hub_id": True, "models": {"__all__": {"hub_id"}}}  # names for the export only
 
 
@@ -178,6 +220,10 @@ class SearchConfig(Strict):
         "median: stop a candidate whose multi-fidelity subset scores below the median (needs subset_fraction)"))
     baselines: bool = Field(True, description="enqueue the uniform average and each expert alone as the first trials")
     grid_points: int = Field(3, ge=2, description="points per searched parameter for sampler: grid")
+    population: int | None = Field(None, ge=2, description=(
+        "candidates per generation for cmaes, nsga2 and nsga3. Unset: the sampler's own default, raised to "
+        "search.workers so that parallel workers never wait for a generation (CMA-ES discards trials told "
+        "after their generation)"))
     worker_restarts: int = Field(3, ge=0, description=(
         "how many times a lost worker (killed, out of memory, its node gone) is replaced by a new one; the "
         "n-th replacement starts after restart_backoff * 2^(n-1) seconds. With every worker lost for good, "
@@ -224,8 +270,8 @@ class Space(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig, description="how the search runs")
     storage: str | None = Field(None, description=(
         "where the study lives; default: SQLite in the run folder (one node). `journal` or `journal:PATH`: "
-        "Optuna's journal file (several processes, no server; a relative PATH is in the run folder). "
-        "`postgresql://user@host/db` (or another SQLAlchemy URL): several nodes"))
+        "Optuna's journal file (no server, or a shared filesystem; a relative PATH is in the run folder). "
+        "`postgresql://user@host/db` (or another SQLAlchemy URL): several nodes. On each, one driver runs the study"))
     output: str | None = Field(None, description="the run folder; default: runs/NAME (--run-dir overrides it)")
     pick: str = Field("combined", description=(
         "which front trial is exported: combined (the best combined score), knee, or a constraint such as "

@@ -10,6 +10,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from ..result import TrialResult
+from ..signals import keep_handlers
 from ..space import Space
 from .pools import PhaseCallback, Started, WorkerPool
 
@@ -32,15 +33,15 @@ def init_ray(address: str | None, cpus: float, *, dashboard: bool = False, objec
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASSED_ON if os.environ.get(k)})
     kw: dict[str, Any] = {"include_dashboard": dashboard, "logging_level": "ERROR", "log_to_driver": False,
                           "runtime_env": {"env_vars": env}}
-    if address:
-        ray.init(address=address, **kw)
-    else:  # "local": a new instance even when `ray start` left a cluster running on this machine
+    if not address:  # "local": a new instance even when `ray start` left a cluster running on this machine
         import psutil
 
         default = int(0.3 * psutil.virtual_memory().available)
         if object_store_bytes * 1.1 + 512 * 2**20 > default:
             kw["object_store_memory"] = int(object_store_bytes * 1.1) + 512 * 2**20
-        ray.init(address="local", num_cpus=max(cpus, 1), **kw)
+        kw["num_cpus"] = max(cpus, 1)
+    with keep_handlers():  # ray.init turns SIGTERM into a bare exit; the study's own stop must run
+        ray.init(address=address or "local", **kw)
 
 
 def _raised(e: Exception) -> str:
@@ -108,10 +109,17 @@ class RayPool(WorkerPool):
         self.starts: dict[Hashable, int] = {}  # start call -> slot
         self.info: dict[int, dict[str, Any]] = {}
         self.failed_at_start: dict[int, str] = {}  # slot -> why its first worker never came up
+        self.raised_at_start: dict[int, str] = {}  # slot -> the exception its first worker raised while starting
         phase("starting workers")
         self._settle({w.info.remote(): i for i, w in enumerate(self.handles)})
         phase("preparing evaluation")
         self._settle({w.prepare.remote(): i for i, w in enumerate(self.handles) if i not in self.failed_at_start})
+        if self.handles and len(self.raised_at_start) == len(self.handles):  # an input error, not lost workers
+            from ..errors import UserError
+
+            self.close()
+            raise UserError(f"every worker raised an error while starting, so an input is wrong: "
+                            f"{self.raised_at_start[min(self.raised_at_start)]}")
 
     def _new(self, slot: int) -> Any:
         return self.actor.remote(self.data, [self.shared], worker_id=slot, threads=1, **self.load)  # nested: unresolved
@@ -121,8 +129,10 @@ class RayPool(WorkerPool):
             try:
                 self.info[slot] = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as e:
-                self.failed_at_start[slot] = _died(e) if isinstance(e, self.ray.exceptions.RayActorError) else \
-                    f"worker failed while starting ({_raised(e)})"
+                died = isinstance(e, self.ray.exceptions.RayActorError)
+                self.failed_at_start[slot] = _died(e) if died else f"worker failed while starting ({_raised(e)})"
+                if not died or getattr(e, "actor_init_failed", False):  # raised, not killed
+                    self.raised_at_start[slot] = _raised(e) if not died else _died(e)
                 self.ray.kill(self.handles[slot], no_restart=True)
 
     @property

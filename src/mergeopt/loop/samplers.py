@@ -24,7 +24,21 @@ def _startup(space: Space) -> int:
 
 
 def _population(space: Space) -> int:
-    return min(50, max(8, space.search.n_trials // 5))
+    """NSGA's generation: at least one candidate per worker, so no worker waits for a generation to end."""
+    if space.search.population is not None:
+        return space.search.population
+    return max(space.search.workers, min(50, max(8, space.search.n_trials // 5)))
+
+
+def _cmaes(space: Space) -> optuna.samplers.BaseSampler:
+    """CMA-ES, its population at least the number of workers: with parallel workers Optuna discards a
+    trial told after its generation has moved on, so a generation smaller than the workers wastes trials."""
+    import math
+
+    dims = sum(not isinstance(d, optuna.distributions.CategoricalDistribution) for d in space.distributions().values())
+    default = 4 + math.floor(3 * math.log(max(dims, 1)))  # CMA-ES's own default population
+    popsize = space.search.population or max(default, space.search.workers)
+    return optuna.samplers.CmaEsSampler(seed=space.search.seed, popsize=popsize, warn_independent_sampling=False)
 
 
 def _grid(space: Space) -> optuna.samplers.BaseSampler:
@@ -48,7 +62,7 @@ class SamplerSpec:
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "cmaes": SamplerSpec(
-        lambda s: optuna.samplers.CmaEsSampler(seed=s.search.seed, warn_independent_sampling=False), True,
+        _cmaes, True,
         "CMA-ES on the combined score (the mergekit-evolve way); starts at the centre of the box"),
     "tpe": SamplerSpec(
         lambda s: optuna.samplers.TPESampler(seed=s.search.seed, multivariate=True, constant_liar=True,
@@ -82,3 +96,10 @@ def directions(space: Space) -> list[str]:
     if SAMPLERS[space.search.sampler].single_objective:
         return ["maximize"]
     return [o.direction for o in space.objectives]
+
+
+def metric_names(space: Space) -> list[str]:
+    """The study's objective names, in the order of `directions`."""
+    if SAMPLERS[space.search.sampler].single_objective:
+        return ["combined"]
+    return [o.metric for o in space.objectives]

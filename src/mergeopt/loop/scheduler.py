@@ -27,7 +27,9 @@ import optuna
 
 from .. import faults
 from ..result import TrialResult
+from ..signals import STOP_SIGNALS
 from ..space import Space
+from .lease import Lease
 from .pools import Started, WorkerPool
 from .progress import Front, Progress
 from .pruning import prune_threshold
@@ -41,11 +43,12 @@ def _no_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Phase(str, Enum):
@@ -54,6 +57,7 @@ class Phase(str, Enum):
     DONE = "done"
     TIMED_OUT = "timed out"
     NO_WORKERS = "no workers"
+    LEASE_LOST = "lease lost"  # another driver took the study: this one stops and touches nothing more
 
 
 class SlotState(Enum):
@@ -77,8 +81,8 @@ class Slot:
 
 class Scheduler:
     def __init__(self, space: Space, study: optuna.Study, pool: WorkerPool, *, n_trials: int,
-                 on_progress: Callable[[Progress], None] | None = None):
-        self.space, self.study, self.pool, self.n_trials = space, study, pool, n_trials
+                 on_progress: Callable[[Progress], None] | None = None, lease: Lease | None = None):
+        self.space, self.study, self.pool, self.n_trials, self.lease = space, study, pool, n_trials, lease
         self.on_progress = on_progress or (lambda _: None)
         self.max_restarts = space.search.worker_restarts if pool.replaceable else 0
         self.backoff_s = space.search.restart_backoff
@@ -96,20 +100,14 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
     def run(self) -> Phase:
         self._show()
+        phase = Phase.RUNNING
         try:
             while (phase := self.step()) in (Phase.RUNNING, Phase.DRAINING):
                 pass
         finally:
-            with _no_interrupts():  # a second Ctrl-C must not cut the bookkeeping short
-                while self.received:  # finished before an interruption: recorded, not run again
-                    self._record(*self.received.popleft())
-                for s in self.slots:
-                    if s.ahead is not None:  # asked but never started (timeout)
-                        requeue(self.study, s.ahead, "not started: the study stopped first")
-                        s.ahead = None
-                    if s.trial is not None:  # only when the loop was interrupted (Ctrl-C): it runs again on resume
-                        requeue(self.study, s.trial, "interrupted: the study was stopped while it ran")
-                        s.trial = None
+            if phase is not Phase.LEASE_LOST:
+                with _no_interrupts():  # a second Ctrl-C or SIGTERM must not cut the bookkeeping short
+                    self._settle()
         self.progress.phase = phase.value
         self._show()
         return phase
@@ -154,8 +152,30 @@ class Scheduler:
             time.sleep(timeout)
         return self.phase()
 
+    def _settle(self) -> None:
+        """What a stop leaves: results received are recorded, trials asked ahead or in flight are
+        requeued, and so is any trial this driver asked but had not handed out yet (a stop between
+        Optuna's ask and the hand-over): with the study's lease held, every RUNNING trial is this driver's."""
+        while self.received:  # finished before an interruption: recorded, not run again
+            self._record(*self.received.popleft())
+        for s in self.slots:
+            if s.ahead is not None:  # asked but never started (timeout)
+                requeue(self.study, s.ahead, "not started: the study stopped first")
+                s.ahead = None
+            if s.trial is not None:  # only when the loop was interrupted: it runs again on resume
+                requeue(self.study, s.trial, "interrupted: the study was stopped while it ran")
+                s.trial = None
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            requeue(self.study, t, "interrupted: the study was stopped while it ran")
+
+    def trial_ids(self) -> list[int]:
+        """Storage ids of the trials in flight or asked ahead, for the storage's heartbeat."""
+        return [t._trial_id for s in self.slots for t in (s.trial, s.ahead) if t is not None]
+
     def phase(self) -> Phase:
         """Replacements still starting keep the study going only while there are trials to give them."""
+        if self.lease is not None and self.lease.lost:
+            return Phase.LEASE_LOST
         if self.received or any(s.state is SlotState.BUSY for s in self.slots):
             return Phase.RUNNING if self._room() else Phase.DRAINING
         if self.progress.done >= self.n_trials:

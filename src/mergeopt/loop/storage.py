@@ -1,7 +1,7 @@
 """Storage backends: a space file's `storage:` value, or none, to an Optuna storage.
 
 - none: SQLite in the run folder. One node; WAL mode for cheap commits (below).
-- `journal` or `journal:PATH`: Optuna's JournalStorage over an append-only file. Several processes on
+- `journal` or `journal:PATH`: Optuna's JournalStorage over an append-only file. One driver, on
   one node, or on a shared filesystem, with no database server.
 - `postgresql://...` (any SQLAlchemy URL): an RDB server, for studies across nodes."""
 
@@ -59,13 +59,43 @@ def open_storage(storage: str | None, run_dir: Path) -> optuna.storages.BaseStor
     if spec.kind == "sqlite":
         return sqlite_storage(spec.url)
     try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+        return rdb_storage(storage)
     except ImportError:
         raise UserError(f"storage: {spec.url} needs its database driver, which is not installed; "
                         "pip install 'mergeopt[postgres]' for PostgreSQL (psycopg 3)") from None
     except Exception as e:  # noqa: BLE001 - a server that refuses us: one line, not a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"storage: cannot open {spec.url}: {first}") from None
+
+
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """A database server, with Optuna's trial heartbeat on: the driver beats for every trial in flight
+    (loop.lease), and a study resumed after its driver's node vanished fails the trials whose beat
+    stopped and enqueues each again, with its seed, through Optuna's own retry callback."""
+    import warnings
+
+    from .lease import BEAT_S, STALE_S
+    from .store import MAX_RETRIES
+
+    with warnings.catch_warnings():  # experimental (not deprecated) since Optuna 2.8: the feature is the point
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=int(BEAT_S), grace_period=int(STALE_S),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+
+
+def clear_stale_lock(storage: str | None, run_dir: Path) -> bool:
+    """A journal's lock file left by a driver killed while it wrote: removed at once when this driver has
+    taken the study's lease from a dead one (no other process writes the journal), instead of Optuna
+    waiting out its grace period with warnings."""
+    spec = storage_spec(storage, run_dir)
+    if spec.kind != "journal":
+        return False
+    lock = Path(f"{spec.path}.lock")  # JournalFileOpenLock's file, made with O_EXCL while it writes
+    if lock.exists():
+        lock.unlink(missing_ok=True)
+        return True
+    return False
 
 
 def sqlite_storage(url: str) -> optuna.storages.RDBStorage:

@@ -5,6 +5,7 @@ One driver runs a study at a time: on resume, trials left RUNNING belong to a dr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,7 @@ from ..errors import UserError
 from ..objectives import combined_score, objective_values
 from ..result import TrialResult
 from ..space import Space
-from .samplers import SAMPLERS, directions, make_sampler
+from .samplers import SAMPLERS, directions, make_sampler, metric_names
 from .storage import open_storage, storage_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -62,6 +63,9 @@ def open_study(space: Space, run_dir: Path, *, merging: bool = True) -> optuna.S
         return study
     study = optuna.create_study(study_name=space.name, storage=open_storage(space.storage, run_dir),
                                 sampler=make_sampler(space), directions=directions(space))
+    with warnings.catch_warnings():  # experimental (not deprecated) since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(space))  # the dashboard's axes: combined, or the objectives
     study.set_user_attr("fingerprint", space.fingerprint())
     study.set_user_attr("merge_rules", MERGE_RULES)
     study.set_user_attr("space", space.model_dump(mode="json", by_alias=True))
@@ -83,14 +87,20 @@ def _alone(space: Space, params: dict) -> str:
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count toward n_trials: complete, pruned, or failed for a reason of their own."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and not t.user_attrs.get("interrupted"))]
+    """Trials that count toward n_trials: complete, pruned, or failed for a reason of their own (not
+    interrupted, and not a trial whose heartbeat stopped and that Optuna enqueued again)."""
+    trials = study.get_trials(deepcopy=False)
+    # what RetryHeartbeatStaleTrialCallback.retry_history reads, without its experimental warning per call
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)
+            or (t.state == S.FAIL and not t.user_attrs.get("interrupted") and t.number not in retried)]
 
 
 def ask(space: Space, study: optuna.Study) -> optuna.trial.Trial:
     """The next candidate, with its seed: an enqueued retry keeps its own."""
-    trial = study.ask(space.distributions())
+    with warnings.catch_warnings():  # the driver records its trials' heartbeats itself (loop/lease.py)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask(space.distributions())
     trial.set_user_attr("seed", int(trial.user_attrs.get("seed", space.search.seed * SEED_STRIDE + trial.number)))
     return trial
 
