@@ -2,7 +2,7 @@
 test races a real kill against a real trial: a driver killed with SIGKILL resumes with every finished
 trial, a worker killed inside a trial is replaced and its trial retried with the same seed, a study
 whose workers are all lost stops with exit status 3 and the command that resumes it, on every storage
-backend; and the memory guard refuses what would not fit."""
+backend; and the memory guard refuses what would not fit. Ctrl-C, SIGTERM and SIGHUP: tests/test_drivers.py."""
 
 from __future__ import annotations
 
@@ -132,19 +132,6 @@ def test_a_study_whose_workers_are_all_lost_stops_with_status_3_and_resumes(test
     r = _optimize(space, run)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(_complete(_study(space, run))) == 4
-
-
-def test_ctrl_c_says_how_to_resume_and_the_resumed_study_completes(test_zoo: Path, tmp_path: Path):
-    space, run = zoo_test_space(tmp_path, "ctrlc", n_trials=5, workers=2), tmp_path / "run"
-    r = _optimize(space, run, fault="driver:tell@2!INT")
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 130 and len(lines) == 1, r.stderr[-2000:]
-    assert "interrupted with 2 of 5 trials finished" in lines[0] and "resume with: optimize --space" in lines[0]
-    study = _study(space, run)
-    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))  # what ran is requeued, not left running
-    r = _optimize(space, run)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len(_complete(_study(space, run))) == 5
 
 
 def test_no_worker_that_can_start_stops_the_study(test_zoo: Path, tmp_path: Path):

@@ -68,7 +68,7 @@ def test_same_seed_one_worker_gives_same_trials_and_resume_continues(test_zoo: P
     assert _optimize("--space", str(space), "--run-dir", str(a), "--backend", "inline").returncode == 0
     r = _optimize("--space", str(space), "--run-dir", str(b), "--n-trials", "4")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _optimize("--space", str(space), "--run-dir", str(b))  # resume on the same folder up to 7 trials
+    r = _optimize("--space", str(space), "--run-dir", str(b), "--backend", "inline")  # resumed up to 7 trials
     assert r.returncode == 0, r.stderr[-2000:]
     assert _trials(a) == _trials(b)
 
