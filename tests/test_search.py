@@ -43,15 +43,26 @@ def _trials(run: Path) -> list[dict]:
 
 
 def test_short_study_with_two_ray_workers_writes_every_file(test_zoo: Path, tmp_path: Path):
+    """Also: a trial that raises (CUDA out of memory, say) is a failed trial with its reason, counted and
+    not retried, and its worker lives on."""
+    import os
+
     space = _test_space(tmp_path, n_trials=6, workers=2)
     run = tmp_path / "run"
-    r = _optimize("--space", str(space), "--run-dir", str(run))
+    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "optimize", "--space", str(space), "--run-dir", str(run),
+                        "--quiet"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MERGEOPT_FAULT": "worker:generation@1!RAISE"})
     assert r.returncode == 0, r.stderr[-2000:]
     for f in OUTPUTS:
         assert (run / f).exists(), f
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["trials"]["complete"] == 6
-    workers = {row["worker"] for row in csv.DictReader(open(run / "trials.csv"))}
+    assert summary["trials"]["complete"] == 5  # and the failed one counts toward the 6
+    rows = list(csv.DictReader(open(run / "trials.csv")))
+    failed = [row for row in rows if row["state"] == "FAIL"]
+    assert [f["number"] for f in failed] == ["1"] and failed[0]["reason"] == "InjectedFault: injected fault at generation"
+    started = {str(w["pid"]) for w in json.loads((run / "workers.json").read_text())}
+    assert {row["pid"] for row in rows if row["state"] == "COMPLETE"} <= started  # no worker was replaced
+    workers = {row["worker"] for row in rows}
     assert workers == {"0", "1"}  # both actors took trials
     baselines = [row["baseline"] for row in csv.DictReader(open(run / "trials.csv")) if row["baseline"]]
     assert baselines[:2] == ["uniform average", "help_en alone"]
@@ -119,11 +130,12 @@ def test_a_timeout_leaves_no_trial_running_and_the_next_run_reuses_what_was_aske
 def test_resuming_with_a_different_space_is_refused(test_zoo: Path, tmp_path: Path):
     space = _test_space(tmp_path, n_trials=1, workers=1)
     run = tmp_path / "run"
-    assert _optimize("--space", str(space), "--run-dir", str(run), "--backend", "inline").returncode == 0
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", "inline", "--quiet", "--no-export")
+    assert r.returncode == 0, r.stderr[-2000:]
     data = yaml.safe_load(space.read_text())
     data["ranges"]["weight"]["high"] = 2.0
     space.write_text(yaml.safe_dump(data))
-    r = _optimize("--space", str(space), "--run-dir", str(run), "--backend", "inline")
+    r = run_cli("optimize", "--space", str(space), "--run-dir", str(run), "--backend", "inline", "--quiet")
     assert r.returncode == 2 and "made by a different search space" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

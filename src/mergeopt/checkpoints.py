@@ -115,8 +115,9 @@ class Checkpoint:
 
 def check_compatible(base: Checkpoint, other: Checkpoint) -> None:
     """Raise a CheckpointError that says precisely what differs between `other` and the base."""
-    for key in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers"):
-        a, b = base.config.get(key), other.config.get(key)
+    defaults = {"tie_word_embeddings": True}  # transformers' default when a config leaves it out
+    for key in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
+        a, b = base.config.get(key, defaults.get(key)), other.config.get(key, defaults.get(key))
         if a != b:
             raise CheckpointError(f"{other.path / 'config.json'}: {key} is {b!r}, expected {a!r} as in the base {base.path}")
     missing = sorted(set(base.names) - set(other.names))

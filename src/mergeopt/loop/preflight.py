@@ -187,8 +187,8 @@ def check_tokenizer(space: Space, texts: list[str], *, trust_remote_code: bool =
     path = resolve_model_path(space.base_model)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
-    def norm(t: str) -> str:
-        return " ".join(t.split())
+    def norm(t: str) -> str:  # decoders differ in the spaces they restore; the words must come back
+        return "".join(t.split())
 
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -231,13 +231,25 @@ def _clear_dead_builds(final: Path) -> None:
 
 def build_zoo(size: str = "default", seed: int = 0, root: Path | None = None, *, progress: bool = True,
               force: bool = False) -> Path:
-    """Return the zoo folder for (size, seed), building it when it is not cached."""
+    """Return the zoo folder for (size, seed), building it when it is not cached. Processes that ask at
+    once (parallel test workers, two studies) build it once: the others wait on a file lock and find it."""
+    import fcntl
+
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; expected one of {sorted(SIZES)}")
     final = zoo_dir(size, seed, root)
-    _clear_dead_builds(final)
     if (final / "zoo.json").exists() and not force:
         return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".lock-{final.name}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _clear_dead_builds(final)
+        if (final / "zoo.json").exists() and not force:
+            return final
+        return _build(size, seed, final, progress=progress)
+
+
+def _build(size: str, seed: int, final: Path, *, progress: bool) -> Path:
     from transformers import LlamaForCausalLM
 
     from .._env import quiet_libraries
