@@ -7,7 +7,6 @@ backend; and the memory guard refuses what would not fit. Ctrl-C, SIGTERM and SI
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 import subprocess
