@@ -238,12 +238,12 @@ def build_zoo(size: str = "default", seed: int = 0, root: Path | None = None, *,
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; expected one of {sorted(SIZES)}")
     final = zoo_dir(size, seed, root)
+    _clear_dead_builds(final)
     if (final / "zoo.json").exists() and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f".lock-{final.name}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _clear_dead_builds(final)
         if (final / "zoo.json").exists() and not force:
             return final
         return _build(size, seed, final, progress=progress)
