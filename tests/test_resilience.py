@@ -88,7 +88,7 @@ def test_a_worker_killed_inside_a_trial_is_replaced_and_the_trial_retried(backen
     """One Ray worker, so that its replacement must run the rest of the study (with two, the other
     worker could finish it first, and what the replacement does would depend on timing)."""
     name = f"workerkill_{backend}"
-    space, run = zoo_test_space(tmp_path, name, _storage(backend, request), n_trials=4, workers=1), tmp_path / "run"
+    space, run = zoo_test_space(tmp_path, name, _storage(backend, request), n_trials=5, workers=1), tmp_path / "run"
     r = _optimize(space, run, fault=f"worker:{phase}@2")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(open(run / "trials.csv")))
@@ -96,7 +96,7 @@ def test_a_worker_killed_inside_a_trial_is_replaced_and_the_trial_retried(backen
     died = [r for r in rows if r["state"] == "FAIL"]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert [d["number"] for d in died] == ["2"] and "worker died (killed" in died[0]["reason"], table
-    assert len(complete) == 4, table
+    assert len(complete) == 5, table
     retry = [c for c in complete if c["seed"] == died[0]["seed"]]
     assert len(retry) == 1 and all(retry[0][k] == died[0][k] for k in died[0] if k.startswith("param:")), table
     before = {c["pid"] for c in complete if int(c["number"]) < 2}
