@@ -1,6 +1,6 @@
 """How long `optimize --dry-run` takes to find each class of bad input on the test zoo, against the
-interpreter's own start-up with mergeopt's CLI imported (the floor every command pays), and whether Ray
-was started. Each case is a fresh process, as a user runs it.
+interpreter's start-up with the libraries every check needs imported (torch, transformers, optuna: the
+floor any such command pays). Each case is a fresh process, as a user runs it.
 
     python bench/dry_run.py        # writes runs/bench/dry_run.json
 """
@@ -69,7 +69,7 @@ def main() -> None:
     floor = []
     for _ in range(3):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import mergeopt.cli"], check=True)
+        subprocess.run([sys.executable, "-c", "import torch, transformers, optuna"], check=True)
         floor.append(time.perf_counter() - t)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -87,7 +87,7 @@ def main() -> None:
     base = min(floor)
     m = machine()
     print(machine_line(m))
-    print(f"floor: python -c 'import mergeopt.cli' {base:.2f} s")
+    print(f"floor: python -c 'import torch, transformers, optuna' {base:.2f} s")
     for row in rows:
         print(f"{row['case']:34s} {row['seconds']:6.2f} s ({row['seconds'] / base:4.1f}x the floor), exit {row['status']}: "
               f"{row['line'][:100]}")

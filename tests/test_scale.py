@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import zoo_test_space
+from conftest import run_cli, zoo_test_space
 from safetensors import safe_open
 
 from mergeopt.memory_plan import GIB, ModelSize, Node, Setup, plan, refusal, suggestion
@@ -140,8 +140,7 @@ def test_bfloat16_study_on_two_ray_workers_with_int8_exports_the_evaluated_bits(
     assert "task_vectors: int8" in (best / "mergeopt_recipe.yaml").read_text()
     assert not (best / "mergekit_config.yml").exists() and "int8 with one float32 scale per row" in (best / "README.md").read_text()
     again = tmp_path / "again"
-    r = subprocess.run([sys.executable, "-m", "mergeopt.cli", "merge", str(best / "mergeopt_recipe.yaml"), "--out", str(again)],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("merge", str(best / "mergeopt_recipe.yaml"), "--out", str(again))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (again / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
 

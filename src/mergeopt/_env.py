@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def quiet_libraries() -> None:
@@ -13,14 +14,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # datasets reads these when it is imported, so a command that never loads a task does not pay for it
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        import datasets
-
+    if "datasets" in sys.modules:  # imported before these settings: tell it directly
+        datasets = sys.modules["datasets"]
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
