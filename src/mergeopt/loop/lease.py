@@ -88,6 +88,7 @@ class Lease:
         self.taken_over: Holder | None = None  # a dead driver's lease this one replaced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_ok = time.time()  # the last beat that reached the storage
 
     def acquire(self, on_takeover: Callable[[], None] | None = None) -> Lease:
         """Take the lease, or one line naming the live driver that holds it. `on_takeover` runs before the
@@ -102,6 +103,7 @@ class Lease:
         host, pid, started = _this_process()
         since = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
         self._write(Holder(host, pid, started, since, time.time(), self.token))
+        self._last_ok = time.time()
         self._thread = threading.Thread(target=self._beat, name="mergeopt-lease", daemon=True)
         self._thread.start()
         return self
@@ -116,8 +118,6 @@ class Lease:
             except Exception as e:  # noqa: BLE001 - a storage hiccup: the next beat tries again
                 if self.lost is None and time.time() - self._last_ok > STALE_S:
                     self.lost = f"the study's storage could not be reached for {STALE_S:.0f} s ({type(e).__name__})"
-
-    _last_ok = time.time()
 
     def renew(self) -> None:
         """One beat: the lease's time, and the storage's heartbeat of every trial in flight."""
