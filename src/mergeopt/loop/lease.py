@@ -75,6 +75,15 @@ def is_live(h: Holder, now: float | None = None) -> bool:
     return (now or time.time()) - h.beat < STALE_S
 
 
+def refuse_if_held(study: optuna.Study, where: str) -> Holder | None:
+    """One line naming the live driver that holds the study's lease, or the lease (a dead driver's, or None)."""
+    h = holder_of(study)
+    if h is not None and is_live(h):
+        raise UserError(f"{where}: another optimize is running study {study.study_name!r} ({h.describe()}); one "
+                        "driver runs a study at a time: wait for it, stop it, or add workers to it instead")
+    return h
+
+
 class Lease:
     """Held from `acquire` to `release`; `lost` says why it was lost meanwhile (None while held)."""
 
@@ -85,7 +94,6 @@ class Lease:
         self.heartbeat = heartbeat
         self.token = uuid.uuid4().hex
         self.lost: str | None = None
-        self.taken_over: Holder | None = None  # a dead driver's lease this one replaced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_ok = time.time()  # the last beat that reached the storage
@@ -93,11 +101,7 @@ class Lease:
     def acquire(self, on_takeover: Callable[[], None] | None = None) -> Lease:
         """Take the lease, or one line naming the live driver that holds it. `on_takeover` runs before the
         first write when the lease was a dead driver's (to clear what it left, such as a lock file)."""
-        old = holder_of(self.study)
-        if old is not None and old.token != self.token and is_live(old):
-            raise UserError(f"{self.where}: another optimize is running this study ({old.describe()}); one driver "
-                            "runs a study at a time: wait for it, stop it, or add workers to it instead")
-        self.taken_over = old
+        old = refuse_if_held(self.study, self.where)
         if old is not None and on_takeover is not None:
             on_takeover()
         host, pid, started = _this_process()
@@ -140,9 +144,3 @@ class Lease:
         h = holder_of(self.study)
         if h is not None and h.token == self.token:
             self.study.set_user_attr(ATTR, None)
-
-    def __enter__(self) -> Lease:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

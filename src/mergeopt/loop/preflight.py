@@ -20,7 +20,7 @@ def preflight(space: Space, run_dir: Path, *, workers: int, ray: bool = True, me
     """Run every check in order; `on_check(what, found)` hears each one that passed. Returns the study
     already in the storage (None for a new one), checked against this space and free of a live driver."""
     from ..refs import unbuilt_zoo
-    from .lease import holder_of, is_live
+    from .lease import refuse_if_held
     from .storage import storage_spec
     from .store import find_study
 
@@ -39,10 +39,7 @@ def preflight(space: Space, run_dir: Path, *, workers: int, ray: bool = True, me
     existing = find_study(space, run_dir)
     spec = storage_spec(space.storage, run_dir)
     if existing is not None:
-        holder = holder_of(existing)
-        if holder is not None and is_live(holder):
-            raise UserError(f"{spec.url}: another optimize is running study {space.name!r} ({holder.describe()}); "
-                            "one driver runs a study at a time: wait for it, stop it, or add workers to it instead")
+        refuse_if_held(existing, spec.url)
     say("storage", f"{spec.url}: " + (f"resumes study {space.name!r}" if existing is not None else "a new study"))
     if zoo is None:
         for what, found in check_assets(space, trust_remote_code=trust_remote_code):
